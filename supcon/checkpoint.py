@@ -1,0 +1,142 @@
+"""Checkpoints that survive crashes and load with ``torch.load(weights_only=True)``.
+
+Written like timm's CheckpointSaver: to a temporary file in the same folder, flushed to disk,
+then renamed over the target, so a crash mid-write leaves the previous file intact. Only tensors,
+numbers, strings, lists and dicts go in, so loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from supcon.errors import UserError
+
+CHECKPOINT_FORMAT = "supcon-checkpoint"
+CHECKPOINT_VERSION = 1
+LAST = "last.pth"
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    return f"ckpt_epoch_{epoch}.pth"
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically; a crash mid-write leaves any previous file intact."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    atomic_write_bytes(text.encode(), path)
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``; refuse anything else with a one-line error.
+
+    Raises:
+        UserError: missing file, a file that would need arbitrary unpickling (nothing in it
+            runs), or a truncated/corrupt file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise UserError(
+                f"refusing to load {path}: it needs arbitrary unpickling (not a plain-tensor checkpoint); "
+                "nothing in it was run"
+            )
+        raise UserError(f"checkpoint {path} is corrupt: {first}")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first})")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as plain lists/tensors (weights_only-loadable)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where devices match)."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_weights_only_loadable(obj: Any) -> bool:
+    """True when ``obj`` round-trips through ``torch.save``/``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    return True
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and sanity-check a supcon-train checkpoint.
+
+    Raises:
+        UserError: unsafe/corrupt file, or not a checkpoint written by supcon-train.
+    """
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a supcon-train checkpoint (no 'format: {CHECKPOINT_FORMAT}' entry)")
+    return state

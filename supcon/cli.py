@@ -1,0 +1,93 @@
+"""``supcon-train``: a thin click shell over :func:`supcon.train.train`."""
+
+from __future__ import annotations
+
+import click
+
+from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
+from supcon.config import TrainConfig
+
+D = TrainConfig()
+
+
+@click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"],
+                                                          "max_content_width": 110})
+@click.option("--data-folder", "--data_folder", "data_folder", type=str,
+              help="Training ImageFolder (one subfolder of images per class).")
+@click.option("--dataset", type=str, default=D.dataset, show_default=True,
+              help="Accepted for the reference scripts' command lines; only 'path' (use --data-folder).")
+@click.option("--val-folder", "--val_folder", "val_folder", type=str,
+              help="Val ImageFolder for the kNN monitor [default: sibling 'val' of the data folder, if any].")
+@click.option("--model", type=str, default=D.model, show_default=True, help="Any timm model name, e.g. seresnext50_32x4d.")
+@click.option("--pretrained/--no-pretrained", default=D.pretrained, show_default=True,
+              help="Start the encoder from timm's ImageNet weights (needs network).")
+@click.option("--small-input/--no-small-input", "small_input", default=D.small_input, show_default=True,
+              help="3x3 stride-1 stem without max-pool, for tiny (e.g. 32 px) images.")
+@click.option("--zero-init-last/--no-zero-init-last", "zero_init_last", default=D.zero_init_last, show_default=True,
+              help="timm's zero init of each residual block's last BN (collapses SupCon from scratch; see README).")
+@click.option("--feat-dim", "--feat_dim", "feat_dim", type=int, default=D.feat_dim, show_default=True,
+              help="Projection output size.")
+@click.option("--method", type=click.Choice(["supcon", "simclr"], case_sensitive=False), default=D.method,
+              show_default=True, help="supcon uses the labels; simclr ignores them.")
+@click.option("--temp", type=float, default=D.temp, show_default=True, help="Loss temperature.")
+@click.option("--size", type=int, default=D.size, show_default=True, help="Crop size (pixels).")
+@click.option("--mean", type=str, help='Normalisation mean "r,g,b" [default: computed from the data folder].')
+@click.option("--std", type=str, help='Normalisation std "r,g,b" [default: computed from the data folder].')
+@click.option("--batch-size", "--batch_size", "batch_size", type=int, default=D.batch_size, show_default=True,
+              help="Images per process per step (each gives 2 views).")
+@click.option("--epochs", type=int, default=D.epochs, show_default=True)
+@click.option("--learning-rate", "--learning_rate", "learning_rate", type=float,
+              help="[default: 0.5 x global batch / 1024, e.g. 0.015625 at batch 32]")
+@click.option("--momentum", type=float, default=D.momentum, show_default=True)
+@click.option("--weight-decay", "--weight_decay", "weight_decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--cosine/--no-cosine", default=D.cosine, show_default=True,
+              help="Cosine decay to lr x lr_decay_rate^3; --no-cosine uses step decay at --lr-decay-epochs.")
+@click.option("--lr-decay-epochs", "--lr_decay_epochs", "lr_decay_epochs", type=str, default="700,800,900",
+              show_default=True, help="Step-decay epochs (with --no-cosine).")
+@click.option("--lr-decay-rate", "--lr_decay_rate", "lr_decay_rate", type=float, default=D.lr_decay_rate,
+              show_default=True)
+@click.option("--warm/--no-warm", default=None, help="10-epoch linear warm-up [default: on above global batch 256].")
+@click.option("--save-freq", "--save_freq", "save_freq", type=int, default=D.save_freq, show_default=True,
+              help="Keep a checkpoint every N epochs (and at the last).")
+@click.option("--num-workers", "--num_workers", "num_workers", type=int, default=D.num_workers, show_default=True,
+              help="Data-loading processes.")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="[default: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU]")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+              help="NHWC memory format [default: on with a GPU].")
+@click.option("--gpu-augment/--no-gpu-augment", "gpu_augment", default=None,
+              help="Crop/flip/jitter/grayscale batched on the GPU [default: off].")
+@click.option("--compile/--no-compile", "compile", default=D.compile, show_default=True, help="torch.compile the model.")
+@click.option("--sync-bn/--no-sync-bn", "sync_bn", default=D.sync_bn, show_default=True,
+              help="SyncBatchNorm across processes (multi-GPU).")
+@click.option("--run-dir", "--run_dir", "run_dir", type=str,
+              help="[default: runs/<model>_bs<batch>_<timestamp>]")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pth (starts it if new).")
+@click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
+@click.option("--knn-every", type=int, default=D.knn_every, show_default=True,
+              help="Run the kNN monitor every N epochs (0: off).")
+@click.option("--knn-k", type=int, default=D.knn_k, show_default=True, help="Neighbours of the kNN monitor.")
+@click.option("--collapse-patience", type=int, default=D.collapse_patience, show_default=True,
+              help="Epochs at the collapsed loss before warning.")
+@click.option("--stop-on-collapse", is_flag=True, help="End the run (exit 3) when the collapse warning fires.")
+@click.option("--log-every", type=int, default=D.log_every, show_default=True,
+              help="Steps between progress updates (and device syncs).")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML file of options; the command line wins.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def train_command(ctx: click.Context, config: str | None, quiet: bool, **_):
+    """Pretrain an encoder with the supervised contrastive (SupCon) loss on an image folder."""
+    from supcon.train import train
+
+    setup_logging()
+    train_config = resolve_command_config(ctx, TrainConfig, config, section="train", skip=("config", "quiet"))
+    result = train(train_config, progress=not quiet)
+    click.echo(f"run directory: {result.run_dir}")
+    return result.exit_code
+
+
+main = train_command
+
+if __name__ == "__main__":  # pragma: no cover - `python -m supcon.cli` (used under torchrun)
+    main()

@@ -1,0 +1,81 @@
+"""What every command shares: one-line errors, config resolution (--config, then the command line), logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from supcon.config import load_yaml, resolve, yaml_values_for
+from supcon.errors import UserError
+
+#: Keys of a run's config.yaml that are facts, not options (so a run's config can seed a new one).
+IGNORED_CONFIG_KEYS = ("run_info",)
+
+
+class OneLineErrorCommand(click.Command):
+    """A click command whose errors (bad option or bad input) are one line on stderr, no traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines to stderr in a form that does not break tqdm bars."""
+    from tqdm.auto import tqdm
+
+    class TqdmHandler(logging.Handler):
+        def emit(self, record):
+            try:
+                tqdm.write(self.format(record), file=sys.stderr)
+            except Exception:  # pragma: no cover
+                self.handleError(record)
+
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "timm", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_command_config(ctx: click.Context, cls: type, config_path: str | None, section: str | None = None,
+                           skip: tuple[str, ...] = ("config", "verbose")):
+    """Build the command's config dataclass: defaults < ``--config`` YAML < options given on the command line.
+
+    Args:
+        ctx: the click context (tells which options the user typed).
+        cls: the config dataclass.
+        config_path: the ``--config`` file, or None.
+        section: if the YAML holds a mapping under this key, only that mapping is used.
+        skip: parameters that are not config fields.
+    """
+    yaml_values: dict[str, Any] = {}
+    if config_path:
+        data = load_yaml(config_path)
+        if section and isinstance(data.get(section), dict):
+            data = data[section]
+        data = {k: v for k, v in data.items() if k not in IGNORED_CONFIG_KEYS}
+        yaml_values = yaml_values_for(cls, data, config_path)
+    cli_values = {}
+    for name, value in ctx.params.items():
+        if name in skip:
+            continue
+        source = ctx.get_parameter_source(name)
+        if source in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT):
+            cli_values[name] = value
+    return resolve(cls, yaml_values, cli_values)

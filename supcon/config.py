@@ -1,0 +1,206 @@
+"""Typed configuration for ``supcon-train``, YAML loading and the helpers shared by every command.
+
+One dataclass holds every option with its default. ``--config file.yaml`` supplies values, the
+command line wins, and the resolved config is written into the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from supcon.errors import UserError
+
+#: Options that may differ between a run and its resumption (they do not change the result).
+RUNTIME_KEYS = frozenset(
+    {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "stop_on_collapse",
+     "collapse_patience", "compile", "log_every", "knn_every", "dataset"}
+)
+
+
+def parse_triplet(text: str | list | tuple | None, name: str) -> list[float] | None:
+    """Parse an ``"r,g,b"`` string (spaces allowed) or a 3-element list into three positive floats.
+
+    Raises:
+        UserError: when the value is not three numbers, or any is not finite and positive
+            (a zero std would divide by zero).
+    """
+    if text is None:
+        return None
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.strip().strip("[]()").split(",")]
+    else:
+        parts = list(text)
+    try:
+        values = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise UserError(f"--{name} must be three comma-separated numbers like '0.485,0.456,0.406', got {text!r}")
+    if len(values) != 3:
+        raise UserError(f"--{name} must have exactly 3 values (r,g,b), got {len(values)} in {text!r}")
+    if name == "std" and any(not math.isfinite(v) or v <= 0 for v in values):
+        raise UserError(f"--std values must be positive, got {text!r}")
+    if any(not math.isfinite(v) for v in values):
+        raise UserError(f"--{name} values must be finite numbers, got {text!r}")
+    return values
+
+
+def parse_int_list(text: str | list | tuple | int | None, name: str) -> list[int]:
+    """Parse ``"700,800,900"`` (or a list) into a list of ints."""
+    if text is None or text == "":
+        return []
+    if isinstance(text, int):
+        return [text]
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        return [int(str(p).strip()) for p in parts if str(p).strip()]
+    except ValueError:
+        raise UserError(f"--{name} must be comma-separated integers like '700,800,900', got {text!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``supcon-train``; the field names are also the YAML keys."""
+
+    data_folder: str | None = None
+    dataset: str = "path"
+    val_folder: str | None = None
+    model: str = "resnet50"
+    pretrained: bool = False
+    small_input: bool = False
+    zero_init_last: bool = False
+    feat_dim: int = 128
+    method: str = "supcon"
+    temp: float = 0.07
+    base_temp: float = 0.07
+    size: int = 224
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    batch_size: int = 32
+    epochs: int = 1000
+    learning_rate: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    cosine: bool = True
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [700, 800, 900])
+    lr_decay_rate: float = 0.1
+    warm: bool | None = None
+    warm_epochs: int = 10
+    warmup_from: float = 0.01
+    save_freq: int = 50
+    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    seed: int = 0
+    precision: str | None = None
+    channels_last: bool | None = None
+    gpu_augment: bool | None = None
+    compile: bool = False
+    sync_bn: bool = False
+    run_dir: str | None = None
+    resume: bool = False
+    skip_bad_images: bool = False
+    log_every: int = 10
+    knn_every: int = 10
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    collapse_patience: int = 3
+    stop_on_collapse: bool = False
+
+    def validate(self) -> None:
+        """Check values that would otherwise fail deep inside training.
+
+        Raises:
+            UserError: naming the first offending option.
+        """
+        if not self.data_folder:
+            raise UserError("--data-folder is required (an ImageFolder: one subfolder per class)")
+        if self.dataset != "path":
+            raise UserError(
+                f"--dataset {self.dataset!r} is not supported: only 'path' (an image folder given by --data-folder)"
+            )
+        if self.method not in ("supcon", "simclr"):
+            raise UserError(f"--method must be 'supcon' or 'simclr', got {self.method!r}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2 (contrastive loss needs pairs), got {self.batch_size}")
+        for name in ("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k", "collapse_patience"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.knn_every < 0:
+            raise UserError(f"--knn-every must be >= 0 (0 turns the kNN monitor off), got {self.knn_every}")
+        for name in ("temp", "base_temp", "knn_temperature"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 < self.lr_decay_rate <= 1:
+            raise UserError(f"--lr-decay-rate must be in (0, 1], got {self.lr_decay_rate}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise UserError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        self.mean = parse_triplet(self.mean, "mean")
+        self.std = parse_triplet(self.std, "std")
+        self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "lr-decay-epochs")
+
+
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def yaml_values_for(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Keep the keys of ``data`` that are fields of ``cls``; unknown keys are an error.
+
+    Keys may be spelled with dashes or underscores. A config may hold a ``<section>:`` mapping per
+    command (e.g. ``train:``, ``probe:``); the caller picks the section first.
+    """
+    known = config_fields(cls)
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserError(f"unknown option {key!r} in {source}; known: {', '.join(sorted(known))}")
+        values[name] = value
+    return values
+
+
+def resolve(cls: type, yaml_values: dict[str, Any], cli_values: dict[str, Any]):
+    """Build ``cls`` from defaults, then YAML values, then command-line values (highest priority)."""
+    merged = {**yaml_values, **cli_values}
+    try:
+        return cls(**merged)
+    except TypeError as exc:  # pragma: no cover - guarded by yaml_values_for
+        raise UserError(str(exc))
+
+
+def to_yaml_dict(config) -> dict[str, Any]:
+    """A plain dict of the config, safe for ``yaml.safe_dump``."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RUNTIME_KEYS) -> list[str]:
+    """Names of options whose values differ between two resolved configs, ignoring runtime-only ones."""
+    keys = (set(old) | set(new)) - set(ignore)
+    # A value left to "auto" (None) in the new command takes the run's recorded, resolved value.
+    return sorted(k for k in keys if new.get(k) is not None and old.get(k) != new.get(k))

@@ -1,0 +1,270 @@
+"""Image folders: scanning and checking, mean/std, the two-view augmentation and the epoch sampler.
+
+Randomness is a pure function of ``(seed, epoch, image index)``: the sampler's permutation is seeded
+by ``(seed, epoch)`` and each sample's augmentation by ``(seed, epoch, index)``. So an epoch gives
+the same batches and crops whatever the number of workers, and a run resumed mid-way sees exactly
+what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+
+from supcon.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageFolderIndex:
+    """The images of an ImageFolder: class names (sorted) and ``(path, label)`` samples."""
+
+    root: str
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def without(self, bad_paths: Sequence[str]) -> ImageFolderIndex:
+        bad = set(bad_paths)
+        return ImageFolderIndex(self.root, self.classes, [s for s in self.samples if s[0] not in bad])
+
+
+def scan_image_folder(root: str | os.PathLike, what: str = "data folder", min_classes: int = 2) -> ImageFolderIndex:
+    """List an ImageFolder (one subfolder per class) without opening any image.
+
+    Args:
+        root: the folder.
+        what: how to name the folder in error messages (e.g. "val folder").
+        min_classes: fewest class subfolders accepted.
+
+    Raises:
+        UserError: the folder is missing, has no class subfolders, fewer than ``min_classes``
+            classes, or a class subfolder holds no image.
+    """
+    root_path = Path(root).expanduser()
+    if not root_path.exists():
+        raise UserError(f"{what} not found: {root_path}")
+    if not root_path.is_dir():
+        raise UserError(f"{what} is not a directory: {root_path}")
+    classes = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{what} {root_path} has no class subfolders (expected one subfolder of images per class)")
+    if len(classes) < min_classes:
+        raise UserError(
+            f"{what} {root_path} has {len(classes)} class folder ({classes[0]}); at least {min_classes} are needed"
+        )
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            str(p) for p in (root_path / name).rglob("*")
+            if p.suffix.lower() in IMG_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise UserError(
+                f"class folder {root_path / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                "remove it or add images"
+            )
+        samples.extend((f, label) for f in files)
+    return ImageFolderIndex(str(root_path), classes, samples)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, fully decoded (so a truncated file fails here, not later)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class _InspectDataset(Dataset):
+    """Decodes each image once; returns per-channel sums for mean/std, or marks it unreadable."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            pixels = np.asarray(load_rgb(self.paths[index]), dtype=np.float64) / 255.0
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            return index, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, np.zeros(3), np.zeros(3), 0
+        flat = pixels.reshape(-1, 3)
+        return index, True, "", flat.sum(0), (flat * flat).sum(0), flat.shape[0]
+
+
+@dataclass
+class FolderCheck:
+    """Result of decoding every image of a folder once."""
+
+    bad: list[tuple[str, str]]  # (path, reason)
+    mean: list[float] | None
+    std: list[float] | None
+
+
+def check_images(
+    paths: Sequence[str], compute_stats: bool, num_workers: int = 0, progress: bool = True, desc: str = "checking images"
+) -> FolderCheck:
+    """Decode every image once: find unreadable ones and, optionally, the per-channel mean and std.
+
+    The statistics are over all pixels of the readable images, in [0, 1], at their stored size.
+    """
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(
+        _InspectDataset(paths), batch_size=None, shuffle=False, num_workers=num_workers,
+    )
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    bad: list[tuple[str, str]] = []
+    for index, ok, reason, s, sq, n in tqdm(loader, total=len(paths), desc=desc, disable=not progress, leave=False):
+        if not ok:
+            bad.append((paths[int(index)], reason))
+            continue
+        total += np.asarray(s)
+        total_sq += np.asarray(sq)
+        count += int(n)
+    if not compute_stats or count == 0:
+        return FolderCheck(bad, None, None)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    std = np.maximum(std, 1e-6)  # a constant channel must not divide by zero
+    return FolderCheck(bad, [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std])
+
+
+def report_bad_images(bad: list[tuple[str, str]], skip: bool) -> None:
+    """Raise for unreadable images unless ``skip``; then just log how many were dropped."""
+    if not bad:
+        return
+    if not skip:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(
+            f"unreadable image {bad[0][0]}: {bad[0][1]}{more}; fix or remove it, or pass --skip-bad-images"
+        )
+    logger.warning("skipping %d unreadable image(s), e.g. %s", len(bad), bad[0][0])
+
+
+def two_view_augmentation(size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
+    """The SupCon training augmentation (Khosla et al. 2020), applied independently per view."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
+    """Deterministic preprocessing for feature extraction: resize the short side, centre crop."""
+    return transforms.Compose([
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends on all three numbers (no collisions between neighbours)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class MultiViewDataset(Dataset):
+    """Returns ``(views [n_views, C, H, W], label)`` for an ``(index, epoch)`` key from the sampler."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, n_views: int = 2, seed: int = 0):
+        self.samples = list(samples)
+        self.transform = transform
+        self.n_views = n_views
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        # torchvision's transforms draw from the global torch RNG; seeding it per sample makes the
+        # crops a function of (seed, epoch, index) whatever process or worker decodes the image.
+        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        views = torch.stack([self.transform(image) for _ in range(self.n_views)])
+        return views, label
+
+
+class EvalDataset(Dataset):
+    """Returns ``(image tensor, label)`` through a deterministic transform."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+class EpochBatchSampler(Sampler):
+    """Shuffled batches for one process of ``world_size``, a pure function of ``(seed, epoch)``.
+
+    Each global batch of ``batch_size * world_size`` images is cut into one contiguous slice per
+    process, so the processes together see exactly the single-process batch. The last partial
+    global batch is dropped (contrastive batches must be full). Yields lists of ``(index, epoch)``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch - self.start_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch, and the batch to start from when resuming mid-epoch."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        full = self.num_samples // self.global_batch
+        for b in range(self.start_batch, full):
+            start = b * self.global_batch + self.rank * self.batch_size
+            yield [(i, self.epoch) for i in order[start:start + self.batch_size]]
+
+
+def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, **kwargs) -> DataLoader:
+    """A DataLoader with the fast settings (persistent workers, prefetch) when workers are used."""
+    extra = {}
+    if num_workers > 0:
+        extra.update(persistent_workers=True, prefetch_factor=4)
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **extra, **kwargs)
