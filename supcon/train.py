@@ -384,6 +384,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                     f", step {epoch_state.steps_done}" if epoch_state.steps_done else "")
 
     run_info = {
+        "kind": "supcon",
         "class_names": index.classes,
         "num_classes": len(index.classes),
         "num_images": len(index.samples),
