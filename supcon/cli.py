@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
+from supcon.cli_utils import OneLineErrorCommand, process_rank, resolve_command_config, setup_logging
 from supcon.config import TrainConfig
 
 D = TrainConfig()
@@ -57,8 +57,11 @@ D = TrainConfig()
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="NHWC memory format [default: on with a GPU].")
 @click.option("--gpu-augment/--no-gpu-augment", "gpu_augment", default=None,
-              help="Crop/flip/jitter/grayscale batched on the GPU [default: off].")
+              help="Fast data path: workers only decode and crop (uint8); flip, colour jitter, grayscale and "
+                   "normalisation run batched on the training device (GPU, or the CPU) [default: on with a GPU].")
 @click.option("--compile/--no-compile", "compile", default=D.compile, show_default=True, help="torch.compile the model.")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", "grad_checkpointing", default=D.grad_checkpointing,
+              show_default=True, help="Recompute encoder activations in backward: less GPU memory, ~1/3 more compute.")
 @click.option("--sync-bn/--no-sync-bn", "sync_bn", default=D.sync_bn, show_default=True,
               help="SyncBatchNorm across processes (multi-GPU).")
 @click.option("--run-dir", "--run_dir", "run_dir", type=str,
@@ -83,7 +86,8 @@ def train_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     setup_logging()
     train_config = resolve_command_config(ctx, TrainConfig, config, section="train", skip=("config", "quiet"))
     result = train(train_config, progress=not quiet)
-    click.echo(f"run directory: {result.run_dir}")
+    if process_rank() == 0:
+        click.echo(f"run directory: {result.run_dir}")
     return result.exit_code
 
 

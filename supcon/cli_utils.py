@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -33,6 +34,11 @@ class OneLineErrorCommand(click.Command):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+def process_rank() -> int:
+    """This process's global rank as set by the launchers (torchrun, accelerate launch); 0 when run alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log lines to stderr in a form that does not break tqdm bars."""
     from tqdm.auto import tqdm
@@ -46,6 +52,10 @@ def setup_logging(verbose: bool = False) -> None:
 
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    rank = process_rank()
+    if rank:  # under torchrun / accelerate launch the other processes only report problems, with their rank
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

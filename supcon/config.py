@@ -20,7 +20,7 @@ from supcon.errors import UserError
 #: Options that may differ between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset(
     {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "stop_on_collapse",
-     "collapse_patience", "compile", "log_every", "knn_every", "dataset"}
+     "collapse_patience", "compile", "grad_checkpointing", "log_every", "knn_every", "dataset"}
 )
 
 
@@ -99,6 +99,7 @@ class TrainConfig:
     channels_last: bool | None = None
     gpu_augment: bool | None = None
     compile: bool = False
+    grad_checkpointing: bool = False
     sync_bn: bool = False
     run_dir: str | None = None
     resume: bool = False
@@ -181,8 +182,51 @@ def yaml_values_for(cls: type, data: dict[str, Any], source: str) -> dict[str, A
         name = str(key).replace("-", "_")
         if name not in known:
             raise UserError(f"unknown option {key!r} in {source}; known: {', '.join(sorted(known))}")
-        values[name] = value
+        values[name] = _typed_yaml_value(key, value, known[name].type, source)
     return values
+
+
+_SCALAR_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _typed_yaml_value(key: str, value: Any, annotation: Any, source: str) -> Any:
+    """Check a YAML value against a field annotated ``int``, ``float``, ``bool`` or ``str`` (or ``... | None``).
+
+    The command line gets this from click; without it ``batch_size: abc`` would fail deep inside
+    training. Numbers written as strings are accepted (PyYAML reads ``1e-4`` as a string). Other
+    annotations (lists, ...) are left to the config's own ``validate``.
+
+    Raises:
+        UserError: naming the option, the file and the expected kind.
+    """
+    options = [part.strip() for part in str(annotation).split("|")]
+    kinds = [part for part in options if part != "None"]
+    if len(kinds) != 1 or kinds[0] not in _SCALAR_KINDS:
+        return value
+    kind = kinds[0]
+    if value is None and "None" in options:
+        return None
+    typed = None
+    if kind == "bool":
+        typed = value if isinstance(value, bool) else None
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if kind == "str":
+            typed = str(value)
+        elif kind == "float":
+            try:
+                typed = float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, str):
+            try:
+                typed = int(value.strip())
+            except ValueError:
+                pass
+        elif float(value).is_integer():  # not 2.5, which int() would silently truncate
+            typed = int(value)
+    if typed is None:
+        raise UserError(f"option {key!r} in {source} must be {_SCALAR_KINDS[kind]}, got {value!r}")
+    return typed
 
 
 def resolve(cls: type, yaml_values: dict[str, Any], cli_values: dict[str, Any]):

@@ -54,6 +54,18 @@ def adapt_small_input(encoder: nn.Module, model_name: str) -> None:
         encoder.maxpool = nn.Identity()
 
 
+def check_model_name(model_name: str) -> None:
+    """Refuse a name timm does not know, suggesting similar ones (cheap: nothing is built).
+
+    Raises:
+        UserError: unknown model name.
+    """
+    if not timm.is_model(model_name):
+        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UserError(f"unknown model {model_name!r} (not a timm model name){hint}")
+
+
 def build_encoder(
     model_name: str, pretrained: bool = False, small_input: bool = False, zero_init_last: bool = False,
     pretrained_file: str | None = None, sync_bn: bool = False,
@@ -73,10 +85,7 @@ def build_encoder(
     Raises:
         UserError: unknown model name, or weights that cannot be fetched.
     """
-    if not timm.is_model(model_name):
-        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise UserError(f"unknown model {model_name!r} (not a timm model name){hint}")
+    check_model_name(model_name)
     try:
         try:
             encoder = timm.create_model(model_name, pretrained=pretrained, num_classes=0, zero_init_last=zero_init_last)

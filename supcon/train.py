@@ -30,7 +30,7 @@ from supcon.data import (
 from supcon.errors import UserError
 from supcon.health import COLLAPSE_ADVICE, CollapseDetector, collapsed_loss, embedding_spread, extract_features, knn_accuracy
 from supcon.losses import SupConLoss
-from supcon.models import build_model, model_config_from
+from supcon.models import build_model, check_model_name, model_config_from
 from supcon.rundir import (
     METRICS_FILE, MetricsCSV, default_run_dir, has_run_content, read_config, write_config,
 )
@@ -175,7 +175,9 @@ def train_one_epoch(
         spread_sum += embedding_spread(projection.detach()[:, 0])
         steps += 1
         last_of_epoch = step_in_epoch + 1 == steps_per_epoch
-        if steps % log_every == 0 or last_of_epoch:
+        stopping = should_stop(step_in_epoch) and not last_of_epoch
+        # Also check before stopping early: the caller saves the state we stop in.
+        if steps % log_every == 0 or last_of_epoch or stopping:
             bad_step = int(first_bad.item())
             if bad_step >= 0:
                 raise UserError(
@@ -192,7 +194,7 @@ def train_one_epoch(
                 )
         if progress is not None:
             progress.update(1)
-        if should_stop(step_in_epoch) and not last_of_epoch:
+        if stopping:
             break
 
     return EpochState(
@@ -243,7 +245,7 @@ def _resolve_run_dir(config: TrainConfig, accelerator: Accelerator) -> Path:
     return Path(holder[0])
 
 
-def _check_existing_run(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
+def _check_existing_run(run_dir: Path, config: TrainConfig, global_batch: int) -> dict[str, Any] | None:
     """Returns the checkpoint to resume from (or None); refuses conflicting run directories."""
     last_path = run_dir / LAST
     if not config.resume:
@@ -261,9 +263,29 @@ def _check_existing_run(run_dir: Path, config: TrainConfig) -> dict[str, Any] | 
         if diffs:
             details = ", ".join(f"{k}: run has {stored.get(k)!r}, now {requested.get(k)!r}" for k in diffs[:4])
             raise UserError(f"run dir {run_dir} was started with a different configuration ({details})")
+        # Another number of processes changes the global batch, hence the LR, the steps per epoch and
+        # what a mid-epoch position means.
+        recorded_batch = read_config(run_dir).get("run_info", {}).get("global_batch")
+        if recorded_batch is not None and recorded_batch != global_batch:
+            raise UserError(
+                f"run dir {run_dir} was trained with a global batch of {recorded_batch}, now {global_batch} "
+                f"({config.batch_size} x {global_batch // config.batch_size} processes); resume it with the same "
+                "number of processes"
+            )
+    for stale in run_dir.glob(".*.pth.*.tmp"):  # left by a kill -9 during a checkpoint write
+        stale.unlink(missing_ok=True)
     if not last_path.is_file():
         return None
     return load_checkpoint(last_path)
+
+
+def _recorded_option(config: TrainConfig, name: str, default: Any) -> Any:
+    """The value a resumed run recorded for an option left to its automatic default, else ``default``."""
+    if config.resume and config.run_dir and (Path(config.run_dir) / "config.yaml").is_file():
+        recorded = read_config(Path(config.run_dir)).get(name)
+        if recorded is not None:
+            return recorded
+    return default
 
 
 def _broadcast(obj, accelerator: Accelerator):
@@ -293,6 +315,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     config = replace(config)
     config.validate()
+    check_model_name(config.model)  # before the images are decoded, not after
     if config.precision is None:
         config.precision = default_precision()
     accelerator = make_accelerator(config.precision)
@@ -302,14 +325,21 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     on_gpu = accelerator.device.type == "cuda"
     if config.channels_last is None:
         config.channels_last = on_gpu
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     if config.gpu_augment is None:
-        config.gpu_augment = False
-    if config.gpu_augment and not on_gpu:
-        raise UserError("--gpu-augment needs a CUDA GPU")
+        # On with a GPU; a resumed run keeps the data path it started with (it shapes the random stream).
+        config.gpu_augment = _recorded_option(config, "gpu_augment", default=on_gpu)
+    if config.grad_checkpointing and config.compile:
+        raise UserError("--grad-checkpointing with --compile is not supported; use one of them")
 
     # 1. Everything that can fail on bad input, before anything is written.
+    # Absolute paths, so a resumed run matches whatever the working directory.
+    config.data_folder = str(Path(config.data_folder).expanduser().resolve())
+    if config.val_folder:
+        config.val_folder = str(Path(config.val_folder).expanduser().resolve())
     run_dir = _resolve_run_dir(config, accelerator)
-    resume_state = _check_existing_run(run_dir, config)
+    resume_state = _check_existing_run(run_dir, config, global_batch)
     index = scan_image_folder(config.data_folder, "data folder")
     val_folder = config.val_folder
     if val_folder is None and (Path(config.data_folder).parent / "val").is_dir():
@@ -354,6 +384,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     set_seed(config.seed)
     model = build_model(**model_config, pretrained=config.pretrained, sync_bn=config.sync_bn and world > 1)
+    if config.grad_checkpointing:
+        from supcon.grad_checkpointing import enable_grad_checkpointing
+
+        enable_grad_checkpointing(model)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,

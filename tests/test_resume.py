@@ -1,0 +1,234 @@
+"""Days of compute must survive: kill -9, SIGTERM and Ctrl-C, then --resume, give the uninterrupted weights.
+
+The interrupted runs are real ``supcon-train`` processes. To signal them at a known step, they run
+through a small wrapper (:data:`PAUSING_TRAIN`) that calls the same ``supcon.cli.main`` but pauses
+in one chosen step, so the test can send the signal while that step is in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from supcon.cli import train_command
+from supcon.losses import SupConLoss
+from tests.conftest import write_image_folder
+
+STEPS_PER_EPOCH = 4  # 18 images // batch 4
+ARGS = ["--model", "test_resnet", "--small-input", "--size", "16", "--batch-size", "4", "--num-workers", "0",
+        "--knn-every", "1", "--quiet", "--epochs", "4", "--save-freq", "2", "--seed", "3"]
+
+PAUSING_TRAIN = r"""
+import os, sys, time
+import supcon.losses
+from supcon.cli import main
+
+original = supcon.losses.SupConLoss.forward
+calls = 0
+
+def forward(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == int(os.environ["PAUSE_AT_STEP"]):
+        with open(os.environ["PAUSE_MARKER"], "w") as f:
+            f.write(str(calls))
+        time.sleep(float(os.environ["PAUSE_SECONDS"]))
+    return original(self, *args, **kwargs)
+
+supcon.losses.SupConLoss.forward = forward
+sys.argv[0] = "supcon-train"
+main()
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, most of all on a shared 2-core machine (10x under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("resume") / "train", 6, size=20, seed=4)
+
+
+def invoke(args):
+    return CliRunner().invoke(train_command, [str(a) for a in args])
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pth", weights_only=True)
+
+
+def assert_identical_training_state(run_dir: Path, reference: Path):
+    got, expected = final_state(run_dir), final_state(reference)
+    assert got["epoch"] == expected["epoch"] == 4
+    for part in ("encoder", "head"):
+        assert got[part].keys() == expected[part].keys()
+        different = [k for k in expected[part] if not torch.equal(got[part][k], expected[part][k])]
+        assert not different, f"{part} tensors differ: {different[:5]}"
+    got_momentum, expected_momentum = got["optimizer"]["state"], expected["optimizer"]["state"]
+    assert got_momentum.keys() == expected_momentum.keys()
+    assert all(torch.equal(got_momentum[k]["momentum_buffer"], expected_momentum[k]["momentum_buffer"])
+               for k in expected_momentum)
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_metrics(run_dir: Path, reference: Path):
+    got, expected = metrics(run_dir), metrics(reference)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] == ["1", "2", "3", "4"]
+    for column in ("loss", "lr", "knn_accuracy"):
+        assert [float(r[column]) for r in got] == pytest.approx([float(r[column]) for r in expected], abs=2e-6)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+    """4 epochs, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def start_pausing_run(args, workdir: Path, pause_at_step: int, pause_seconds: float = 3.0):
+    """Start ``supcon-train args`` in a subprocess that pauses inside its ``pause_at_step``-th step (1-based)."""
+    marker = workdir / "paused"
+    env = {**os.environ, "PAUSE_AT_STEP": str(pause_at_step), "PAUSE_MARKER": str(marker),
+           "PAUSE_SECONDS": str(pause_seconds),
+           # the same number of threads as this process: same floating-point reductions
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    log = open(workdir / "train.log", "w")
+    process = subprocess.Popen([sys.executable, "-c", PAUSING_TRAIN, *[str(a) for a in args]], cwd=workdir,
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"training exited ({process.returncode}) before step {pause_at_step}:\n"
+                        f"{(workdir / 'train.log').read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("training did not reach the step in time")
+        time.sleep(0.02)
+    return process
+
+
+def test_kill_9_mid_run_then_resume_gives_identical_weights(data, straight, tmp_path):
+    run_dir = tmp_path / "run"
+    # pause in epoch 3, step 3: epochs 1-2 are saved, epoch 3 is half done
+    process = start_pausing_run(["--data-folder", data, "--run-dir", run_dir, *ARGS], tmp_path,
+                                pause_at_step=2 * STEPS_PER_EPOCH + 3)
+    assert final_state(run_dir)["epoch"] == 2
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert not (run_dir / "ckpt_epoch_4.pth").exists()
+
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"resuming {run_dir} from epoch 2" in result.output
+    assert_identical_training_state(run_dir, straight)
+    assert_same_metrics(run_dir, straight)
+    assert sorted(p.name for p in run_dir.glob("*.pth")) == ["ckpt_epoch_2.pth", "ckpt_epoch_4.pth", "last.pth"]
+    # TensorBoard: one value per epoch across the two sessions' event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [s.step for s in losses] == [1, 2, 3, 4]
+    assert [s.value for s in losses] == pytest.approx([float(r["loss"]) for r in metrics(straight)], abs=1e-5)
+
+
+def test_sigterm_saves_mid_epoch_state_promptly_and_resumes_identically(data, straight, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_pausing_run(["--data-folder", data, "--run-dir", run_dir, *ARGS], tmp_path,
+                                pause_at_step=STEPS_PER_EPOCH + 2)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert time.monotonic() - sent < 60
+    log = (tmp_path / "train.log").read_text()
+    assert "received SIGTERM" in log and "interrupted in epoch 2 at step 2/4" in log
+    assert "Traceback" not in log
+
+    state = final_state(run_dir)
+    assert state["epoch"] == 1  # epochs completed
+    assert state["epoch_state"]["steps_done"] == 2  # the step in flight was finished, then saved
+    assert state["global_step"] == STEPS_PER_EPOCH + 2
+    assert not (run_dir / "ckpt_epoch_2.pth").exists()
+
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"resuming {run_dir} from epoch 1, step 2" in result.output
+    assert_identical_training_state(run_dir, straight)
+    assert_same_metrics(run_dir, straight)
+
+
+def test_ctrl_c_mid_epoch_in_process_then_resume(data, straight, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    original = SupConLoss.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * STEPS_PER_EPOCH + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SupConLoss, "forward", forward)
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS])
+    assert result.exit_code == 130, result.output
+    state = final_state(run_dir)
+    assert (state["epoch"], state["epoch_state"]["steps_done"]) == (2, 1)
+    monkeypatch.undo()
+
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_identical_training_state(run_dir, straight)
+    assert_same_metrics(run_dir, straight)
+
+
+def test_resume_needs_a_run_dir(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(["--data-folder", data, *ARGS, "--resume"])
+    assert result.exit_code != 0
+    assert result.output.strip() == "Error: --resume needs --run-dir (the run to continue)"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_plain_command_after_epoch_2(data, straight, tmp_path):
+    """The same as above without the pausing wrapper: ``python -m supcon.cli``, killed once last.pth holds epoch 2."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen([sys.executable, "-m", "supcon.cli", "--data-folder", str(data), "--run-dir",
+                                str(run_dir), *ARGS], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "ckpt_epoch_2.pth").exists():  # written just before last.pth of epoch 2
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    if process.wait(timeout=60) != -signal.SIGKILL:
+        pytest.skip("the run finished before it could be killed (machine too fast for this variant)")
+    assert final_state(run_dir)["epoch"] in (2, 3)
+
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_identical_training_state(run_dir, straight)

@@ -1,0 +1,415 @@
+"""supcon-train through click's CliRunner: every promised file, refusals, each bad input, a non-finite loss."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from supcon.cli import train_command
+from supcon.losses import SupConLoss
+from supcon.models import build_encoder, build_model
+from tests.conftest import TINY_TRAIN_ARGS, write_image_folder
+
+RUN_ARGS = [*TINY_TRAIN_ARGS, "--epochs", "3", "--save-freq", "2", "--seed", "0"]
+#: A faster set-up for the runs of this file that do not inspect the result closely.
+SMALL_ARGS = ["--model", "test_resnet", "--small-input", "--size", "8", "--batch-size", "4", "--num-workers", "0",
+              "--knn-every", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread, most of all on a shared 2-core machine (10x under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def invoke(args):
+    return CliRunner().invoke(train_command, [str(a) for a in args])
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``folder``: content hash and modification time."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """A clean failure: non-zero exit through sys.exit, one 'Error: ...' line naming the problem."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, train_folder):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS])
+    assert result.exit_code == 0, result.output
+    return run_dir, result.output
+
+
+# --- the promised files ---------------------------------------------------------------------------------------
+
+
+def test_run_writes_every_promised_file(cli_run):
+    run_dir, output = cli_run
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "ckpt_epoch_2.pth",  # --save-freq 2
+        "ckpt_epoch_3.pth",  # the final epoch
+        "config.yaml", "last.pth", "metrics.csv", "tensorboard",
+    ]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert f"run directory: {run_dir}" in output
+    assert "learning rate 0.00390625 = 0.5 x 8 (global batch) / 1024" in output  # printed, 0.5 * 8 / 1024
+
+
+def test_config_yaml_records_the_resolved_options(cli_run, train_folder):
+    run_dir, _ = cli_run
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["learning_rate"] == pytest.approx(0.5 * 8 / 1024)
+    assert (config["model"], config["small_input"], config["size"], config["batch_size"]) == ("test_resnet", True,
+                                                                                              32, 8)
+    assert (config["epochs"], config["save_freq"], config["seed"], config["temp"]) == (3, 2, 0, 0.07)
+    assert config["warm"] is False and config["cosine"] is True and config["precision"] == "fp32"
+    assert config["data_folder"] == str(train_folder)
+    assert config["val_folder"] == str((train_folder.parent / "val").resolve())
+
+    # mean/std: computed from the training folder (checked here with numpy) and recorded
+    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
+                             for p in sorted(train_folder.rglob("*.png"))])
+    assert config["mean"] == pytest.approx(pixels.mean(0).tolist(), abs=1e-6)
+    assert config["std"] == pytest.approx(pixels.std(0).tolist(), abs=1e-6)
+
+    info = config["run_info"]
+    assert info["class_names"] == ["cat", "dog", "fox"]
+    assert info["num_classes"] == 3 and info["num_images"] == 36
+    assert info["data_folder"] == str(train_folder.resolve())
+    assert info["num_processes"] == 1 and info["global_batch"] == 8 and info["steps_per_epoch"] == 36 // 8
+    assert info["model_config"] == {"model": "test_resnet", "small_input": True, "zero_init_last": False,
+                                    "feat_dim": 128}
+    import timm
+    import torchvision
+
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["torchvision"] == torchvision.__version__
+    assert info["versions"]["timm"] == timm.__version__
+    assert {"supcon", "accelerate"} <= set(info["versions"])
+
+
+def test_checkpoints_load_weights_only_and_rebuild_the_encoder(cli_run, train_folder):
+    run_dir, _ = cli_run
+    states = {name: torch.load(run_dir / name, weights_only=True, map_location="cpu")
+              for name in ("ckpt_epoch_2.pth", "ckpt_epoch_3.pth", "last.pth")}
+    assert states["ckpt_epoch_2.pth"]["epoch"] == 2
+    assert states["ckpt_epoch_3.pth"]["epoch"] == 3
+    assert (run_dir / "last.pth").read_bytes() == (run_dir / "ckpt_epoch_3.pth").read_bytes()
+    state = states["last.pth"]
+    for key in ("model_config", "encoder", "head", "optimizer", "scaler", "rng", "epoch", "global_step",
+                "class_names", "mean", "std", "config"):
+        assert key in state
+    assert state["global_step"] == 3 * 4
+    assert state["class_names"] == ["cat", "dog", "fox"]
+    assert state["optimizer"]["state"]  # momentum buffers
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4
+
+    # The checkpoint alone rebuilds the encoder for probing.
+    model_config = state["model_config"]
+    encoder = build_encoder(model_config["model"], small_input=model_config["small_input"],
+                            zero_init_last=model_config["zero_init_last"])
+    encoder.load_state_dict(state["encoder"])  # strict
+    full = build_model(**model_config)
+    full.encoder.load_state_dict(state["encoder"])
+    full.head.load_state_dict(state["head"])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(images), full.eval()(images)["features"])
+    # ...and training changed it between the two saved epochs
+    assert not torch.equal(states["ckpt_epoch_2.pth"]["encoder"]["conv1.0.weight"], state["encoder"]["conv1.0.weight"])
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_csv_has_one_row_per_epoch(cli_run):
+    run_dir, _ = cli_run
+    rows = read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert math.isfinite(float(row["loss"])) and float(row["images_per_s"]) > 0
+        assert 0 <= float(row["knn_accuracy"]) <= 1
+        assert float(row["collapsed_loss"]) == pytest.approx(math.log(2 * 8 - 1), abs=1e-5)
+    # cosine over 3 epochs from 0.00390625 to eta_min = 0.00390625 * 0.1**3 = 3.90625e-6:
+    # epoch e: 3.90625e-6 + 0.00390234375 * (1 + cos(pi * e / 3)) / 2, with cos(pi/3) = 0.5, cos(2pi/3) = -0.5
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.0029306640625, 0.0009794921875, 3.90625e-6])
+
+
+def test_tensorboard_events_hold_the_scalars(cli_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = cli_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/spread", "train/collapsed_loss",
+            "monitor/knn_accuracy"} <= tags
+    rows = read_metrics(run_dir)
+    for tag, column in (("train/loss", "loss"), ("train/lr", "lr")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2, 3]
+        assert [s.value for s in scalars] == pytest.approx([float(r[column]) for r in rows], rel=1e-5)
+
+
+# --- refusing to overwrite -------------------------------------------------------------------------------------
+
+
+def test_refuses_to_start_over_a_run_without_resume(cli_run, train_folder):
+    run_dir, _ = cli_run
+    before = snapshot(run_dir)
+    result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS])
+    assert_one_line_error(result, f"run dir {run_dir} already exists", "--resume")
+    assert snapshot(run_dir) == before
+
+
+def test_refuses_to_resume_with_a_different_configuration(cli_run, train_folder):
+    run_dir, _ = cli_run
+    before = snapshot(run_dir)
+    result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS, "--resume", "--temp", "0.1"])
+    assert_one_line_error(result, "different configuration", "temp: run has 0.07, now 0.1")
+    assert snapshot(run_dir) == before
+
+
+def test_refuses_to_resume_with_another_number_of_processes(cli_run, train_folder, tmp_path):
+    # the same run as if it had been trained by 2 processes of 8
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run[0], run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["run_info"]["global_batch"] = 16
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = snapshot(run_dir)
+    result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS, "--resume"])
+    assert_one_line_error(result, "global batch of 16, now 8 (8 x 1 processes)", "same number of processes")
+    assert snapshot(run_dir) == before
+
+
+# --- bad input: one line, non-zero exit, nothing written -----------------------------------------------------
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run from an empty folder, so a default run directory (runs/...) would show up here."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def assert_nothing_written(workdir: Path, *inputs: Path):
+    assert not (workdir / "runs").exists()
+    assert sorted(p.name for p in workdir.iterdir()) == sorted(p.name for p in inputs)
+
+
+def folder(workdir: Path, per_class: int = 4, **kwargs) -> Path:
+    return write_image_folder(workdir / "data", per_class, size=12, **kwargs)
+
+
+def test_data_folder_missing(workdir):
+    assert_one_line_error(invoke(["--data-folder", workdir / "nowhere", *SMALL_ARGS]),
+                          f"data folder not found: {workdir / 'nowhere'}")
+    assert_nothing_written(workdir)
+
+
+def test_data_folder_empty(workdir):
+    (workdir / "data").mkdir()
+    assert_one_line_error(invoke(["--data-folder", workdir / "data", *SMALL_ARGS]), "has no class subfolders")
+    assert_nothing_written(workdir, workdir / "data")
+
+
+def test_fewer_than_two_classes(workdir):
+    data = folder(workdir, classes={"cat": (200, 10, 10)})
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS]), "1 class folder (cat)", "at least 2")
+    assert_nothing_written(workdir, data)
+
+
+def test_class_folder_without_images(workdir):
+    data = folder(workdir)
+    (data / "emu").mkdir()
+    (data / "emu" / "readme.txt").write_text("no images here")
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS]), f"class folder {data / 'emu'} has no images")
+    assert_nothing_written(workdir, data)
+
+
+def test_corrupt_image_is_named(workdir):
+    data = folder(workdir)
+    corrupt = data / "dog" / "dog_002.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS]), f"unreadable image {corrupt}",
+                          "--skip-bad-images")
+    assert_nothing_written(workdir, data)
+
+
+def test_skip_bad_images_skips_and_counts_them(workdir):
+    data = folder(workdir)
+    (data / "dog" / "dog_002.png").write_bytes(b"garbage")
+    truncated = data / "fox" / "fox_001.png"
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    result = invoke(["--data-folder", data, "--run-dir", workdir / "run", *SMALL_ARGS, "--epochs", "1",
+                     "--skip-bad-images"])
+    assert result.exit_code == 0, result.output
+    assert "skipping 2 unreadable image(s)" in result.output
+    info = yaml.safe_load((workdir / "run" / "config.yaml").read_text())["run_info"]
+    assert info["bad_images_skipped"] == 2
+    assert info["num_images"] == 3 * 4 - 2
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--mean", "0.5,0.5", "--mean must have exactly 3 values"),
+    ("--mean", "red,green,blue", "--mean must be three comma-separated numbers"),
+    ("--std", "0.2,0,0.2", "--std values must be positive"),
+    ("--std", "0.2;0.2;0.2", "--std must"),
+])
+def test_malformed_mean_or_std(workdir, option, value, fragment):
+    data = folder(workdir)
+    other = "--std" if option == "--mean" else "--mean"
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, option, value, other, "0.5,0.5,0.5"]),
+                          fragment)
+    assert_nothing_written(workdir, data)
+
+
+def test_mean_without_std(workdir):
+    data = folder(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--mean", "0.5,0.5,0.5"]),
+                          "give both --mean and --std")
+    assert_nothing_written(workdir, data)
+
+
+def test_unknown_model(workdir):
+    data = folder(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--model", "resnet_nonexistent"]),
+                          "unknown model 'resnet_nonexistent'")
+    assert_nothing_written(workdir, data)
+
+
+def test_batch_size_below_two(workdir):
+    data = folder(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--batch-size", "1"]),
+                          "--batch-size must be at least 2")
+    assert_nothing_written(workdir, data)
+
+
+def test_batch_larger_than_the_folder(workdir):
+    data = folder(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--batch-size", "64", "--mean", "0.5,0.5,0.5",
+                                  "--std", "0.2,0.2,0.2"]), "12 usable images", "lower --batch-size")
+    assert_nothing_written(workdir, data)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--batch-size", "abc"], "'abc' is not a valid integer"),
+    (["--learning-rate", "fast"], "'fast' is not a valid float"),
+    (["--precision", "fp64"], "'fp64' is not one of"),
+    (["--no-such-option"], "No such option '--no-such-option'"),
+])
+def test_malformed_option_values(workdir, args, fragment):
+    data = folder(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, *args]), fragment)
+    assert_nothing_written(workdir, data)
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ({"epochs": 2, "bogus_option": 1}, "unknown option 'bogus_option'"),
+    ({"batch_size": "abc"}, "batch_size"),
+    ({"epochs": 2.5}, "epochs"),
+    ({"temp": "warm"}, "temp"),
+    ({"cosine": "maybe"}, "cosine"),
+    ("epochs: [1, 2", "not valid YAML"),
+    ("- just\n- a list\n", "must hold a mapping"),
+])
+def test_bad_config_file(workdir, content, fragment):
+    data = folder(workdir)
+    config_file = workdir / "recipe.yaml"
+    config_file.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--config", config_file]), fragment,
+                          str(config_file))
+    assert_nothing_written(workdir, data, config_file)
+
+
+def test_missing_config_file(workdir):
+    data = folder(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--config", workdir / "none.yaml"]),
+                          "config file not found")
+    assert_nothing_written(workdir, data)
+
+
+# --- non-finite loss -------------------------------------------------------------------------------------------
+
+
+def _poison_loss(monkeypatch, at_call: int, run_dir: Path, seen: dict, also_signal: int | None = None):
+    """Make the loss NaN at the ``at_call``-th step (recording the run dir as it was then)."""
+    original = SupConLoss.forward
+    calls = []
+
+    def forward(self, features, labels=None):
+        calls.append(1)
+        loss = original(self, features, labels)
+        if len(calls) == at_call:
+            seen.update(snapshot(run_dir))
+            if also_signal is not None:
+                os.kill(os.getpid(), also_signal)
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(SupConLoss, "forward", forward)
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
+    data = folder(workdir)  # 12 images, batch 4: 3 steps per epoch
+    run_dir = workdir / "run"
+    before = {}
+    _poison_loss(monkeypatch, at_call=2 * 3 + 2, run_dir=run_dir, seen=before)
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *SMALL_ARGS, "--epochs", "4", "--save-freq", "1"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert errors == ["Error: loss became non-finite at epoch 3, step 2 of 3 (global step 7); the last good "
+                      "checkpoint is kept. Try a lower --learning-rate or --precision fp32"]
+    assert "Traceback" not in result.output
+    assert set(before) >= {"last.pth", "ckpt_epoch_1.pth", "ckpt_epoch_2.pth", "config.yaml"}
+    after = snapshot(run_dir)
+    assert {k: after.get(k) for k in before} == before  # nothing written since the last good epoch
+    assert not (run_dir / "ckpt_epoch_3.pth").exists()
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    assert state["epoch"] == 2
+    assert all(torch.isfinite(t).all() for t in state["encoder"].values() if t.is_floating_point())
+
+
+def test_non_finite_loss_is_not_saved_when_a_signal_arrives_in_the_same_step(workdir, monkeypatch):
+    data = folder(workdir)
+    run_dir = workdir / "run"
+    before = {}
+    _poison_loss(monkeypatch, at_call=2 * 3 + 2, run_dir=run_dir, seen=before, also_signal=signal.SIGTERM)
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *SMALL_ARGS, "--epochs", "4", "--save-freq", "1"])
+    assert any(line.startswith("Error: loss became non-finite at epoch 3, step 2 of 3")
+               for line in result.output.splitlines()), result.output
+    after = snapshot(run_dir)
+    assert {k: after.get(k) for k in before} == before
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 2
