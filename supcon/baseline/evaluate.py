@@ -1,0 +1,110 @@
+"""Evaluate a finished baseline run: its best-by-validation network's class probabilities on a test folder.
+
+:func:`predict_run` is what check-accuracies and the grid call; the run directory alone says how
+(``best.pth`` carries the model config, class names, mean/std and input size).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from supcon.baseline.losses import logits_to_probabilities
+from supcon.baseline.models import build_model
+from supcon.baseline.train import BEST, load_baseline_checkpoint, predict
+from supcon.data import EvalDataset, check_images, eval_transform, make_loader, report_bad_images, scan_image_folder
+from supcon.errors import UserError
+from supcon.rundir import RUN_INFO_KEY, read_config
+from supcon.train import make_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+def is_baseline_run(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds a config.yaml written by baseline-train."""
+    try:
+        return read_config(run_dir).get(RUN_INFO_KEY, {}).get("kind") == "baseline"
+    except UserError:
+        return False
+
+
+def resolve_test_folder(run_info: dict[str, Any], test_folder: str | os.PathLike | None = None) -> Path:
+    """The given folder, else the one the run recorded, else a sibling ``test`` of its data folder.
+
+    Raises:
+        UserError: none of them exists.
+    """
+    if test_folder:
+        return Path(test_folder)
+    recorded = run_info.get("test_folder")
+    if recorded:
+        return Path(recorded)
+    sibling = Path(run_info["data_folder"]).parent / "test"
+    if sibling.is_dir():
+        return sibling
+    raise UserError(f"no test folder: none was recorded for the run and {sibling} does not exist; "
+                    "give one (--test-folder)")
+
+
+def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | None = None, batch_size: int = 256,
+                num_workers: int = 0, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Class probabilities of a baseline run's best-by-validation network on a test folder.
+
+    Args:
+        run_dir: a run directory written by baseline-train.
+        test_folder: the ImageFolder to predict [default: the run's recorded test folder, else a
+            sibling ``test`` of its data folder].
+        batch_size: images per forward pass.
+        num_workers: data-loading processes.
+        accelerator: the caller's Accelerator [default: a new one, fp32].
+
+    Returns:
+        ``probabilities`` (``np.ndarray [N, C]``; the single-logit BCE variant gives 2 columns),
+        ``labels`` (``np.ndarray [N]``), ``class_names``, ``network`` (e.g. ``"resnet18 (baseline,
+        mlp head)"``), ``batch_size`` (the training batch size), ``selected_epoch`` (the best-by-val
+        epoch), ``val_accuracy``, ``test_folder`` (absolute), ``paths`` (the images, in order).
+
+    Raises:
+        UserError: not a baseline run, no best.pth, no/empty test folder, class names that differ,
+            an unreadable test image.
+    """
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    run_info = config.get(RUN_INFO_KEY) or {}
+    if run_info.get("kind") != "baseline":
+        raise UserError(f"{run_dir} is not a baseline run (its config.yaml records kind {run_info.get('kind')!r})")
+    if not (run_dir / BEST).is_file():
+        raise UserError(f"{run_dir} has no {BEST} yet (no epoch finished); continue it with "
+                        f"baseline-train --resume --run-dir {run_dir}")
+    state = load_baseline_checkpoint(run_dir / BEST)
+    folder = resolve_test_folder(run_info, test_folder)
+    index = scan_image_folder(folder, "test folder")
+    if index.classes != list(state["class_names"]):
+        raise UserError(f"class names differ between the run {list(state['class_names'])} and the test folder "
+                        f"{folder} {index.classes}")
+    paths = [p for p, _ in index.samples]
+    report_bad_images(check_images(paths, False, num_workers, progress=False).bad, skip=False)
+
+    model = build_model(state["model_config"])
+    model.backbone.load_state_dict(state["encoder"])
+    model.head.load_state_dict(state["head"])
+    accelerator = accelerator or make_accelerator("fp32")
+    dataset = EvalDataset(index.samples, eval_transform(int(state["size"]), state["mean"], state["std"]))
+    loader = make_loader(dataset, num_workers, accelerator.device.type == "cuda", batch_size=batch_size)
+    model, loader = accelerator.prepare(model, loader)
+    logits, labels = predict(model, loader, accelerator)
+    return {
+        "probabilities": logits_to_probabilities(logits).numpy(),
+        "labels": labels.numpy(),
+        "class_names": list(state["class_names"]),
+        "network": state.get("description") or run_info.get("description"),
+        "batch_size": int(config.get("batch_size", 0)),
+        "selected_epoch": int(state["best_epoch"]),
+        "val_accuracy": float(state["val_accuracy"]),
+        "test_folder": str(Path(index.root).resolve()),
+        "paths": paths,
+    }
