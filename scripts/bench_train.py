@@ -1,0 +1,355 @@
+"""Benchmark SupCon training throughput: the plain path against the fast paths, in one process.
+
+For each model and batch size it measures the plain path (fp32, NCHW, no compile, cuDNN autotune
+off, torchvision augmentation in the loader workers) and then each fast configuration (the product
+of the --precision, --memory-format, --compile, --data-path and --grad-checkpointing lists), through
+supcon.train.train_one_epoch itself, and reports source images/s (each image gives two views) and
+the ratio to the plain path, plus peak GPU memory.
+
+Two data sources:
+
+* synthetic: batches already on the device (float views for the plain path, uint8 crops for the
+  device-augmentation path, whose flip/jitter/grayscale/normalise is then timed as part of the step):
+  what the device can do, loading excluded;
+* folder: a real JPEG ImageFolder (--data-folder, or generated 250x250 JPEGs) through the real
+  loader (--num-workers, pinned memory on a GPU): compute plus loading.
+
+Warm-up steps (cuDNN autotuning, torch.compile) run on synthetic batches first and are excluded;
+each figure is the median of all timed windows (--repeats per measurement, --rounds measurements
+per setting in alternating order; all windows are in the JSON).
+The folder timing starts once the workers' first round of batches has been consumed, so the
+loader's prefetch buffer cannot flatter a loader-bound run.
+
+    .venv/bin/python scripts/bench_train.py                                  # defaults for this device
+    .venv/bin/python scripts/bench_train.py --model resnet50,seresnext50_32x4d --batch-size 32,64 \\
+        --compile off,on --num-workers 16                                    # on a GPU
+
+Writes benchmarks/train_<device>_<date>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import EndlessBatches, header, make_jpeg_folder, markdown_table, write_json  # noqa: E402
+
+import torch  # noqa: E402
+
+from supcon.data import (  # noqa: E402
+    MultiViewDataset, make_loader, scan_image_folder, two_view_augmentation,
+)
+from supcon.gpu_augment import AugmentSpec, CropDataset, DeviceAugment  # noqa: E402
+from supcon.losses import SupConLoss  # noqa: E402
+from supcon.models import build_model  # noqa: E402
+from supcon.schedule import LRSchedule  # noqa: E402
+from supcon.train import default_precision, make_accelerator, train_one_epoch  # noqa: E402
+
+logger = logging.getLogger("bench_train")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+N_VIEWS = 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training configuration."""
+
+    name: str
+    precision: str
+    memory_format: str  # nchw | nhwc
+    compile: bool
+    data_path: str  # cpu (torchvision in the workers) | device (uint8 crops, colour ops on the device)
+    grad_checkpointing: bool
+    cudnn_benchmark: bool
+
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == "nhwc"
+
+
+PLAIN = Setting("plain", "fp32", "nchw", False, "cpu", False, False)
+
+
+def fast_settings(args, on_gpu: bool) -> list[Setting]:
+    """The product of the fast-path option lists, less duplicates and the plain setting itself."""
+    settings = []
+    for precision, memory_format, compile_, data_path, checkpointing in itertools.product(
+            args.precision, args.memory_format, args.compile, args.data_path, args.grad_checkpointing):
+        precision = default_precision() if precision == "auto" else precision
+        memory_format = ("nhwc" if on_gpu else "nchw") if memory_format == "auto" else memory_format
+        compiled, checkpointed = compile_ == "on", checkpointing == "on"
+        if compiled and checkpointed:
+            continue  # supcon-train refuses the combination
+        parts = [precision, memory_format, "compile" if compiled else "eager",
+                 "device-aug" if data_path == "device" else "cpu-aug"] + (["ckpt"] if checkpointed else [])
+        setting = Setting("fast " + "/".join(parts), precision, memory_format, compiled, data_path, checkpointed,
+                          cudnn_benchmark=on_gpu)
+        if replace(setting, name=PLAIN.name) != PLAIN and setting not in settings:
+            settings.append(setting)
+    return settings
+
+
+def _reset_accelerate() -> None:
+    """Let the next Accelerator take another mixed precision (accelerate keeps a process-wide state)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class _Repeat:
+    """The same device batch ``steps`` times: a loader for compute-only timing."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: int):
+        self.images, self.labels, self.steps = images, labels, steps
+
+    def __iter__(self):
+        return iter([(self.images, self.labels)] * self.steps)
+
+
+def synthetic_batch(setting: Setting, batch: int, size: int, device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
+    if setting.data_path == "device":
+        images = torch.randint(0, 256, (batch, N_VIEWS, size, size, 3), dtype=torch.uint8, generator=generator)
+    else:
+        images = torch.randn(batch, N_VIEWS, 3, size, size, generator=generator)
+    return images.to(device), labels
+
+
+def measure(setting: Setting, model_name: str, batch: int, args, samples) -> list[dict]:
+    """Time one setting: synthetic and/or folder data; returns one result row per data source."""
+    _reset_accelerate()
+    accelerator = make_accelerator(setting.precision)
+    device = accelerator.device
+    on_gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = setting.cudnn_benchmark
+    torch.manual_seed(0)
+    model = build_model(model_name, small_input=args.small_input)
+    if setting.grad_checkpointing:
+        from supcon.grad_checkpointing import enable_grad_checkpointing
+
+        enable_grad_checkpointing(model)
+    if setting.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    if setting.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = LRSchedule(0.05, epochs=1000, steps_per_epoch=10**6)
+    loss_fn = SupConLoss()
+    spec = AugmentSpec.supcon(args.size, MEAN, STD)
+    augment = (DeviceAugment(spec, device, seed=0, channels_last=setting.channels_last)
+               if setting.data_path == "device" else None)
+
+    def run(loader) -> tuple[float, float]:
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        state = train_one_epoch(model, loss_fn, loader, optimizer, schedule, accelerator, epoch=0, augment=augment,
+                                channels_last=setting.channels_last)  # ends with .item(): synchronised
+        return time.perf_counter() - start, state.loss_sum / max(state.steps_done, 1)
+
+    def summary(timings: list[tuple[float, float]], batch: int) -> dict:
+        rates = sorted(args.steps * batch / seconds for seconds, _ in timings)
+        return {"steps": args.steps, "repeats": len(timings), "images_per_s": round(statistics.median(rates), 2),
+                "images_per_s_runs": [round(r, 2) for r in rates],
+                "seconds": [round(seconds, 4) for seconds, _ in timings], "mean_loss": round(timings[-1][1], 4)}
+
+    def memory() -> float | None:
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None
+
+    rows = []
+    base = {"model": model_name, "batch_size": batch, "size": args.size, "setting": setting.name, **asdict(setting)}
+    images, labels = synthetic_batch(setting, batch, args.size, device)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    warm_seconds, _ = run(_Repeat(images, labels, args.warmup))
+    peak_with_warmup = memory()
+    if "synthetic" in args.data:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        timings = [run(_Repeat(images, labels, args.steps)) for _ in range(args.repeats)]
+        rows.append({**base, "data": "synthetic", **summary(timings, batch), "warmup_seconds": round(warm_seconds, 2),
+                     "peak_memory_gb": memory(), "peak_memory_with_warmup_gb": peak_with_warmup})
+    del images, labels
+    if "folder" in args.data:
+        if setting.data_path == "device":
+            dataset = CropDataset(samples, spec, N_VIEWS, seed=0)
+        else:
+            dataset = MultiViewDataset(samples, two_view_augmentation(args.size, MEAN, STD), N_VIEWS, seed=0)
+        skip = max(args.num_workers, 1) + 2  # the workers' simultaneous first batches
+        sampler = EndlessBatches(len(samples), batch, skip + args.repeats * args.steps)
+        loader = make_loader(dataset, args.num_workers, on_gpu, batch_sampler=sampler)
+        batches = iter(loader)
+        run(itertools.islice(batches, skip))
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        timings = [run(itertools.islice(batches, args.steps)) for _ in range(args.repeats)]
+        del batches, loader
+        rows.append({**base, "data": "folder", "num_workers": args.num_workers, **summary(timings, batch),
+                     "peak_memory_gb": memory()})
+    return rows
+
+
+def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> list[dict]:
+    """One row per (model, batch, setting, data): the median of every timed window of every round,
+    the largest peak memory, and the ratio to the plain path's median."""
+    order = {setting.name: i for i, setting in enumerate(settings)}
+    results = []
+    for key in sorted(measured, key=lambda k: (k[0], k[1], order[k[2]], k[3] != "synthetic")):
+        rows = measured[key]
+        merged = dict(rows[0])
+        runs = sorted(r for row in rows for r in row.get("images_per_s_runs", []))
+        if runs:
+            merged.update(images_per_s=round(statistics.median(runs), 2), images_per_s_runs=runs,
+                          rounds=len(rows), seconds=[s for row in rows for s in row["seconds"]])
+            peaks = [row["peak_memory_gb"] for row in rows if row.get("peak_memory_gb") is not None]
+            merged["peak_memory_gb"] = max(peaks) if peaks else None
+            if "peak_memory_with_warmup_gb" in merged:
+                warm = [row["peak_memory_with_warmup_gb"] for row in rows if row.get("peak_memory_with_warmup_gb")]
+                merged["peak_memory_with_warmup_gb"] = max(warm) if warm else None
+        results.append(merged)
+    plain = {(r["model"], r["batch_size"], r["data"]): r.get("images_per_s") for r in results
+             if r["setting"] == PLAIN.name}
+    for row in results:
+        reference = plain.get((row["model"], row["batch_size"], row["data"]))
+        row["ratio_vs_plain"] = (round(row["images_per_s"] / reference, 3)
+                                 if reference and row.get("images_per_s") else None)
+    return results
+
+
+def release(setting: Setting) -> None:
+    """Free what the last measurement held (its model is gone with its frame)."""
+    gc.collect()
+    if setting.compile:
+        torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def parse_args(argv=None):
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def listed(kind=str, choices=None):
+        def parse(text):
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+            bad = [v for v in values if choices and v not in choices]
+            if bad or not values:
+                raise argparse.ArgumentTypeError(f"expected a comma-separated list of {choices or kind.__name__}")
+            return values
+        return parse
+
+    parser.add_argument("--model", type=listed(), default=["resnet50" if on_gpu else "resnet18"],
+                        help="timm model names, comma-separated")
+    parser.add_argument("--batch-size", type=listed(int), default=[64 if on_gpu else 16],
+                        help="images per step (each gives 2 views), comma-separated")
+    parser.add_argument("--size", type=int, default=224 if on_gpu else 64, help="crop size in pixels")
+    parser.add_argument("--small-input", action="store_true", help="3x3 stem without max-pool (tiny images)")
+    parser.add_argument("--precision", type=listed(choices=["auto", "fp32", "bf16", "fp16"]), default=["auto"],
+                        help="fast-path precisions (auto: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
+    parser.add_argument("--memory-format", type=listed(choices=["auto", "nchw", "nhwc"]), default=["auto"],
+                        help="fast-path memory formats (auto: nhwc on a GPU)")
+    parser.add_argument("--compile", type=listed(choices=["off", "on"]), default=["off"],
+                        help="fast path with torch.compile off and/or on")
+    parser.add_argument("--data-path", type=listed(choices=["cpu", "device"]), default=["device"],
+                        help="fast-path augmentation: cpu (torchvision in workers) or device (supcon.gpu_augment)")
+    parser.add_argument("--grad-checkpointing", type=listed(choices=["off", "on"]), default=["off"],
+                        help="fast path with activation checkpointing off and/or on")
+    parser.add_argument("--data", type=listed(choices=["synthetic", "folder"]), default=["synthetic", "folder"],
+                        help="synthetic: compute only; folder: real JPEGs through the loader")
+    parser.add_argument("--data-folder", help="an ImageFolder of JPEGs [default: generate --gen-images 250x250 JPEGs]")
+    parser.add_argument("--gen-images", type=int, default=1024 if on_gpu else 256)
+    parser.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1) if on_gpu else 1)
+    parser.add_argument("--warmup", type=int, default=15 if on_gpu else 2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=60 if on_gpu else 6, help="timed steps")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per measurement")
+    parser.add_argument("--rounds", type=int, default=1 if on_gpu else 3,
+                        help="measure every setting this many times, alternating their order (median of all windows)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU compute)")
+    parser.add_argument("--out", help="JSON file or folder [default: benchmarks/]")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-path reference (no ratios)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("timm", "accelerate", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    samples, folder, generated = [], args.data_folder, None
+    if "folder" in args.data:
+        if folder is None:
+            generated = tempfile.TemporaryDirectory(prefix="bench_jpegs_")
+            logger.info("generating %d 250x250 JPEGs in %s", args.gen_images, generated.name)
+            folder = str(make_jpeg_folder(generated.name, args.gen_images))
+        samples = scan_image_folder(folder).samples
+        needed = args.steps * max(args.batch_size)
+        if len(samples) < needed:
+            logger.info("%d images for %d timed source images: images repeat (from the page cache)", len(samples),
+                        needed)
+    settings = ([] if args.no_plain else [PLAIN]) + fast_settings(args, on_gpu)
+    measured: dict[tuple, list[dict]] = {}
+    for round_index in range(args.rounds):
+        # Alternate the order between rounds, so a machine that slows down or speeds up over time
+        # (other users, thermals) does not favour whichever setting runs first.
+        ordered = settings if round_index % 2 == 0 else settings[::-1]
+        for model_name, batch in itertools.product(args.model, args.batch_size):
+            for setting in ordered:
+                logger.info("round %d/%d, %s batch %d: %s", round_index + 1, args.rounds, model_name, batch,
+                            setting.name)
+                try:
+                    rows = measure(setting, model_name, batch, args, samples)
+                except torch.cuda.OutOfMemoryError as exc:  # report, keep going with the other settings
+                    logger.warning("out of memory: %s", str(exc).splitlines()[0])
+                    rows = [{"model": model_name, "batch_size": batch, "size": args.size, "setting": setting.name,
+                             **asdict(setting), "data": data, "error": "out of memory"} for data in args.data]
+                release(setting)
+                for row in rows:
+                    logger.info("  %-9s %10s img/s  peak %s GB", row["data"], row.get("images_per_s"),
+                                row.get("peak_memory_gb"))
+                    measured.setdefault((model_name, batch, setting.name, row["data"]), []).append(row)
+    results = merge_rounds(measured, settings)
+    report = header("train", device)
+    report["settings"] = {
+        "models": args.model, "batch_sizes": args.batch_size, "size": args.size, "small_input": args.small_input,
+        "views_per_image": N_VIEWS, "warmup_steps": args.warmup, "timed_steps": args.steps, "repeats": args.repeats,
+        "rounds": args.rounds,
+        "data": args.data,
+        "data_folder": args.data_folder or (f"generated: {args.gen_images} JPEGs 250x250" if samples else None),
+        "folder_images": len(samples), "num_workers": args.num_workers,
+        "plain": asdict(PLAIN), "unit": "source images per second (each image gives 2 views of --size px)",
+    }
+    report["results"] = results
+    path = write_json(report, args.out, "train")
+    columns = ["model", "batch", "data", "setting", "img/s", "x plain", "peak GB"]
+    rows = [[r["model"], r["batch_size"], r["data"] + (f" ({r['num_workers']} workers)" if "num_workers" in r else ""),
+             r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"), r.get("peak_memory_gb")]
+            for r in results]
+    print(f"\n{report['device']['name']} ({report['device']['type']}), torch {report['versions']['torch']}, "
+          f"{args.size} px, 2 views per image\n")
+    print(markdown_table(columns, rows))
+    print(f"\nwritten: {path}")
+    if generated is not None:
+        generated.cleanup()
+    return report
+
+
+if __name__ == "__main__":
+    main()
