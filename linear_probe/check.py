@@ -1,0 +1,255 @@
+"""``check-accuracies``: each run's best (checkpoint, head) by validation, evaluated once on test.
+
+For a SupCon run the choice is made by :func:`linear_probe.select.select_best` from the probe
+records alone (val accuracies and losses) before the test folder is read. A baseline run
+(``run_info.kind: baseline``) is evaluated by ``supcon.baseline.evaluate.predict_run``, which
+selected its best-by-val epoch during training. All runs are evaluated before any file is
+written, so a bad input anywhere leaves every run untouched.
+
+Outputs: ``RUN/test_metrics.json``, ``RUN/confusion_matrix.png`` (``RUN/roc_curve.png`` for two
+classes) per run, and the comparison table ``comparison.csv`` / ``comparison.md`` in ``--output``
+(default: the runs root, ``./runs``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linear_probe.checkpoints import assert_encoder_unchanged, build_frozen_encoder, check_checkpoint
+from linear_probe.config import CheckConfig, resolve_device
+from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
+from linear_probe.heads import HEADS_DIR, HeadRecord, load_head_records, load_head_state
+from linear_probe.metrics import TestMetrics, classification_metrics
+from linear_probe.probe import make_head
+from linear_probe.report import (
+    COMPARISON_CSV_FIELDS,
+    comparison_rows,
+    plot_confusion_matrix,
+    plot_roc,
+    write_csv,
+)
+from linear_probe.runs import BASELINE_KIND, PROBE_DIR, RunInfo, resolve_folder, scan_checked
+from linear_probe.select import TIE_RULE, select_best
+from supcon.checkpoint import atomic_write_text, load_checkpoint
+from supcon.data import ImageFolderIndex
+from supcon.errors import UserError
+from supcon.rundir import find_runs
+
+logger = logging.getLogger(__name__)
+
+METRICS_JSON = "test_metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+ROC_PNG = "roc_curve.png"
+COMPARISON_CSV = "comparison.csv"
+COMPARISON_MD = "comparison.md"
+
+
+@dataclass
+class RunEvaluation:
+    """One run's selected model and its test metrics."""
+
+    run_dir: Path
+    kind: str
+    network: str
+    batch_size: int | None
+    backbone_epoch: Any
+    head_epoch: int | None
+    checkpoint: str | None
+    val_accuracy: float | None
+    test_folder: str
+    metrics: TestMetrics
+    selection: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        metrics = self.metrics.to_dict()
+        metrics.pop("roc_curve", None)
+        return {"run": str(self.run_dir), "kind": self.kind, "network": self.network, "batch_size": self.batch_size,
+                "test_folder": self.test_folder, "selection": self.selection, "metrics": metrics}
+
+    def table_row(self) -> dict[str, Any]:
+        m = self.metrics
+        return {"run": str(self.run_dir), "kind": self.kind, "batch_size": self.batch_size,
+                "backbone_epoch": self.backbone_epoch, "head_epoch": self.head_epoch, "checkpoint": self.checkpoint,
+                "val_accuracy": self.val_accuracy, "accuracy": m.accuracy, "precision": m.precision,
+                "recall": m.recall, "f1": m.f1, "average": m.average, "roc_auc": m.roc_auc, "network": self.network,
+                "test_folder": self.test_folder}
+
+
+@dataclass
+class CheckResult:
+    evaluations: list[RunEvaluation]
+    table_markdown: str
+    files: dict[str, Path]
+
+
+@dataclass
+class _SupConPlan:
+    run: RunInfo
+    best: HeadRecord
+    candidates: int
+    test_index: ImageFolderIndex
+
+
+@dataclass
+class _BaselinePlan:
+    run: RunInfo
+
+
+def has_probe_results(run_dir: Path) -> bool:
+    return any((run_dir / PROBE_DIR / HEADS_DIR).glob("*.pth"))
+
+
+def runs_to_check(config: CheckConfig) -> list[RunInfo]:
+    """The ``--run`` directories, else every run under the runs root with probe results or of kind baseline.
+
+    Raises:
+        UserError: a ``--run`` that is not a run directory, or no run to check.
+    """
+    if config.runs:
+        return [RunInfo.load(r) for r in config.runs]
+    runs = []
+    for run_dir in find_runs(config.runs_root):
+        try:
+            run = RunInfo.load(run_dir)
+        except UserError as exc:
+            logger.warning("skipping %s: %s", run_dir, exc)
+            continue
+        if run.kind == BASELINE_KIND or has_probe_results(run_dir):
+            runs.append(run)
+        else:
+            logger.info("skipping %s: not probed yet (probe-all --run %s)", run_dir, run_dir)
+    if not runs:
+        raise UserError(
+            f"no run found under {Path(config.runs_root).resolve()} with probe results or of kind baseline; "
+            "run probe-all first, or pass --run DIR"
+        )
+    return runs
+
+
+def _plan_supcon(run: RunInfo, config: CheckConfig) -> _SupConPlan:
+    records = load_head_records(run.probe_dir, run.run_dir)
+    if not records:
+        if has_probe_results(run.run_dir):
+            raise UserError(f"run {run.run_dir} has probe results only for checkpoints that have changed since; "
+                            f"re-run: probe-all --run {run.run_dir}")
+        raise UserError(f"run {run.run_dir} was never probed; run first: probe-all --run {run.run_dir}")
+    if len({r.val_folder for r in records}) > 1:
+        logger.warning("%s: heads were validated on different val folders (%s); their accuracies are compared as "
+                       "they are", run.run_dir, ", ".join(sorted({r.val_folder for r in records})))
+    best = select_best(records)  # validation results only: the test folder is not even read yet
+    class_names = run.class_names or best.class_names
+    test_folder = resolve_folder(config.test_folder, run.train_folder, "test", "--test-folder")
+    return _SupConPlan(run, best, len(records), scan_checked(test_folder, "test folder", class_names))
+
+
+def _predict_run():
+    try:
+        from supcon.baseline.evaluate import predict_run
+    except ImportError as exc:
+        raise UserError(f"baseline runs need supcon.baseline.evaluate, which this install lacks ({exc})") from None
+    return predict_run
+
+
+def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult:
+    """Evaluate each run's selected model on its test folder; write per-run files and the comparison table.
+
+    Raises:
+        UserError: no run, a never-probed run (names the command to run), missing/empty test folder,
+            differing class names, an unsafe or mismatched checkpoint/head; nothing is written then.
+    """
+    config = replace(config)
+    config.validate()
+    plans: list[_SupConPlan | _BaselinePlan] = []
+    for run in runs_to_check(config):
+        if run.kind == BASELINE_KIND:
+            _predict_run()  # fail early when the baseline package is missing
+            plans.append(_BaselinePlan(run))
+        else:
+            run.require_supcon("check-accuracies")
+            plans.append(_plan_supcon(run, config))
+
+    device = resolve_device(config.device)
+    evaluations = [
+        _evaluate_baseline(plan.run, config) if isinstance(plan, _BaselinePlan)
+        else _evaluate_supcon(plan, config, device, progress)
+        for plan in plans
+    ]
+
+    for evaluation in evaluations:
+        _write_run_outputs(evaluation)
+    output = Path(config.output or config.runs_root)
+    csv_rows, markdown = comparison_rows([e.table_row() for e in evaluations])
+    files = {"csv": output / COMPARISON_CSV, "markdown": output / COMPARISON_MD}
+    write_csv(files["csv"], csv_rows, COMPARISON_CSV_FIELDS)
+    average = evaluations[0].metrics.average
+    atomic_write_text(f"# Test accuracies\n\nPrecision, recall and F1: {average} average over classes. Each run's "
+                      f"model was chosen on validation only ({TIE_RULE}).\n\n{markdown}", files["markdown"])
+    return CheckResult(evaluations, markdown, files)
+
+
+def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.device,
+                     progress: bool) -> RunEvaluation:
+    run, best = plan.run, plan.best
+    path = run.run_dir / best.checkpoint
+    state = load_checkpoint(path)
+    if not best.checkpoint_stamp.matches(path):
+        raise UserError(f"{path} changed while being evaluated; re-run probe-all --run {run.run_dir}")
+    class_names = run.class_names or best.class_names
+    check_checkpoint(state, path, run.model_config, class_names)
+    encoder = build_frozen_encoder(state, path).to(device)
+    head = make_head(best.feature_dim, len(class_names), seed=0)
+    head.load_state_dict(load_head_state(best.path)["state_dict"])
+    head.to(device).eval()
+    features, labels, _ = cached_features(
+        FeatureCache(run.cache_dir), lambda: encoder, best.checkpoint_stamp.sha256, plan.test_index,
+        folder_fingerprint(plan.test_index), run.size, state["mean"], state["std"], device,
+        config.encode_batch_size, config.num_workers, progress, what="test images",
+    )
+    with torch.no_grad():
+        probabilities = torch.softmax(head(features.to(device)), dim=1).cpu().numpy()
+    assert_encoder_unchanged(encoder, state["encoder"], path)
+    metrics = classification_metrics(labels.numpy(), probabilities, class_names, config.average)
+    selection = {
+        "checkpoint": best.checkpoint, "checkpoint_sha256": best.checkpoint_stamp.sha256,
+        "backbone_epoch": best.backbone_epoch, "steps_into_epoch": best.steps_into_epoch,
+        "head_epoch": best.best_head_epoch, "val_accuracy": best.best_val_accuracy, "val_loss": best.best_val_loss,
+        "val_folder": best.val_folder, "head_file": str(best.path), "settings": best.settings,
+        "candidates": plan.candidates, "tie_rule": TIE_RULE,
+    }
+    model = run.model_config.get("model", "?")
+    logger.info("%s: %s (backbone epoch %d, head epoch %d, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name,
+                best.checkpoint, best.backbone_epoch, best.best_head_epoch, 100 * best.best_val_accuracy,
+                100 * metrics.accuracy)
+    return RunEvaluation(run.run_dir, run.kind, f"SupCon {model}", run.global_batch, best.backbone_epoch,
+                         best.best_head_epoch, best.checkpoint, best.best_val_accuracy, plan.test_index.root,
+                         metrics, selection)
+
+
+def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
+    out = _predict_run()(run.run_dir, test_folder=config.test_folder, batch_size=config.encode_batch_size,
+                         num_workers=config.num_workers)
+    class_names = list(out["class_names"])
+    metrics = classification_metrics(out["labels"], out["probabilities"], class_names, config.average)
+    selection = {"selected_epoch": int(out["selected_epoch"]), "val_accuracy": float(out["val_accuracy"]),
+                 "rule": "best validation epoch recorded by baseline-train"}
+    logger.info("%s (%s, epoch %d, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name, out["network"],
+                out["selected_epoch"], 100 * out["val_accuracy"], 100 * metrics.accuracy)
+    return RunEvaluation(run.run_dir, run.kind, str(out["network"]), int(out["batch_size"]),
+                         int(out["selected_epoch"]), None, None, float(out["val_accuracy"]), str(out["test_folder"]),
+                         metrics, selection)
+
+
+def _write_run_outputs(evaluation: RunEvaluation) -> None:
+    run_dir, metrics = evaluation.run_dir, evaluation.metrics
+    atomic_write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", run_dir / METRICS_JSON)
+    title = f"{run_dir.name}: test accuracy {100 * metrics.accuracy:.2f}%"
+    plot_confusion_matrix(run_dir / CONFUSION_PNG, metrics.confusion_matrix, metrics.class_names, title)
+    if metrics.roc_curve is not None:
+        plot_roc(run_dir / ROC_PNG, metrics.roc_curve["fpr"], metrics.roc_curve["tpr"], metrics.roc_auc,
+                 metrics.class_names[1], f"{run_dir.name}: ROC")

@@ -1,0 +1,133 @@
+"""Typed options of ``probe-all`` and ``check-accuracies`` (defaults < ``--config`` YAML < command line)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from supcon.errors import UserError
+
+#: ``--from auto``: choose the first backbone epoch from the run's loss curve (see ``plateau``).
+AUTO = "auto"
+
+#: ``--average`` values (scikit-learn's names); ``binary`` needs two classes.
+AVERAGES = ("macro", "micro", "weighted", "binary")
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+@dataclass
+class ProbeConfig:
+    """Every option of ``probe-all``; the field names are also the YAML keys (section ``probe:``).
+
+    The head defaults are those of the recorded experiments: batch 256, LR 0.25, SGD momentum
+    0.9, 100 head epochs with a cosine schedule, no weight decay.
+    """
+
+    run: str | None = None
+    runs_root: str = "runs"
+    from_epoch: int | str | None = None
+    to_epoch: int | None = None
+    train_folder: str | None = None
+    val_folder: str | None = None
+    batch_size: int = 256
+    learning_rate: float = 0.25
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 100
+    cosine: bool = True
+    augment: bool = False
+    force: bool = False
+    seed: int = 0
+    auto_tolerance: float = 0.1
+    encode_batch_size: int = 256
+    num_workers: int = field(default_factory=_default_workers)
+    device: str = "auto"
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        """Check the options and normalise ``from_epoch`` to an int (0: all) or ``"auto"``.
+
+        Raises:
+            UserError: naming the first offending option.
+        """
+        if self.from_epoch is None or self.from_epoch == "":
+            self.from_epoch = 0
+        elif isinstance(self.from_epoch, str) and self.from_epoch.strip().lower() == AUTO:
+            self.from_epoch = AUTO
+        else:
+            try:
+                self.from_epoch = int(self.from_epoch)
+            except (TypeError, ValueError):
+                raise UserError(
+                    f"--from must be a backbone epoch (an integer) or 'auto', got {self.from_epoch!r}") from None
+            if self.from_epoch < 0:
+                raise UserError(f"--from must be >= 0, got {self.from_epoch}")
+        if self.to_epoch is not None:
+            if self.to_epoch < 0:
+                raise UserError(f"--to must be >= 0, got {self.to_epoch}")
+            if isinstance(self.from_epoch, int) and self.to_epoch < self.from_epoch:
+                raise UserError(f"--to {self.to_epoch} is below --from {self.from_epoch}")
+        for name in ("batch_size", "epochs", "encode_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.auto_tolerance < 1:
+            raise UserError(f"--auto-tolerance must be in (0, 1), got {self.auto_tolerance}")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        validate_device(self.device)
+
+
+@dataclass
+class CheckConfig:
+    """Every option of ``check-accuracies`` (YAML section ``check:``)."""
+
+    runs: list[str] = field(default_factory=list)
+    runs_root: str = "runs"
+    test_folder: str | None = None
+    average: str = "macro"
+    output: str | None = None
+    encode_batch_size: int = 256
+    num_workers: int = field(default_factory=_default_workers)
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raises: UserError naming the first offending option."""
+        self.runs = [str(r) for r in (self.runs or [])]
+        if self.average not in AVERAGES:
+            raise UserError(f"--average must be one of {', '.join(AVERAGES)}, got {self.average!r}")
+        if self.encode_batch_size < 1:
+            raise UserError(f"--encode-batch-size must be at least 1, got {self.encode_batch_size}")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        validate_device(self.device)
+
+
+def validate_device(device: str) -> None:
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+
+
+def resolve_device(device: str):
+    """``auto``: the GPU when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

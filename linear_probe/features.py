@@ -1,0 +1,219 @@
+"""Frozen-encoder features: encode a folder once per checkpoint, cache it on disk, or augment per epoch.
+
+The fast path encodes every image once (deterministic eval transform) and trains the heads on the
+cached tensors. The cache key is the checkpoint's content hash plus everything that decides the
+features: the folder's listing (relative paths, labels, sizes, modification times), the image
+size, mean/std and transform. A re-run, or new head settings, reuse the file; a changed
+checkpoint or folder gets a new one.
+
+The classic protocol (``--augment``) instead draws fresh random crops of the training images
+every head epoch and runs them through the frozen encoder; crops are a pure function of
+``(seed, head epoch, image index)``, as in supcon-train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+from torchvision import transforms
+
+from supcon.checkpoint import atomic_save, safe_load
+from supcon.data import EvalDataset, ImageFolderIndex, MultiViewDataset, eval_transform, make_loader
+from supcon.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FORMAT = "linear-probe-features"
+#: Bump when the way features are computed changes, so old cache files stop matching.
+FEATURES_VERSION = 1
+EVAL_TRANSFORM_NAME = "resize-short-side+center-crop"
+
+#: ``(features [B, D], labels [B])`` batches of one head epoch, given the 0-based head epoch.
+EpochBatches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads (``None``: leave as is), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def folder_fingerprint(index: ImageFolderIndex) -> str:
+    """A hash of a folder's listing: class names, and each image's relative path, label, size and mtime."""
+    digest = hashlib.sha256(json.dumps(index.classes).encode())
+    root = Path(index.root)
+    for path, label in index.samples:
+        stat = os.stat(path)
+        digest.update(f"\n{Path(path).relative_to(root).as_posix()}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def linear_eval_augmentation(size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
+    """The reference SupCon linear evaluation's training augmentation: random resized crop and flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+@torch.no_grad()
+def encode_samples(encoder: nn.Module, samples: Sequence[tuple[str, int]], transform, device: torch.device,
+                   batch_size: int = 256, num_workers: int = 0, progress: bool = False,
+                   desc: str = "encoding") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` of ``samples`` through the frozen encoder."""
+    from tqdm.auto import tqdm
+
+    encoder.eval()
+    loader = make_loader(EvalDataset(samples, transform), num_workers, device.type == "cuda",
+                         batch_size=batch_size, shuffle=False)
+    features, labels = [], []
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        features.append(encoder(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels).long()
+
+
+class FeatureCache:
+    """Feature tensors on disk, one ``features_<key>.pt`` per (checkpoint content, folder, transform)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(fields: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"features_{key[:32]}.pt"
+
+    def load(self, fields: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached ``(features, labels)`` for ``fields``, or None (missing, unreadable or stale)."""
+        key = self.key(fields)
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            data = safe_load(path)
+        except UserError as exc:
+            logger.warning("ignoring feature cache file %s: %s", path, exc)
+            return None
+        if not isinstance(data, dict) or data.get("format") != FEATURES_FORMAT or data.get("key") != key:
+            return None
+        return data["features"], data["labels"]
+
+    def store(self, fields: dict[str, Any], features: torch.Tensor, labels: torch.Tensor) -> Path:
+        key = self.key(fields)
+        path = self.path(key)
+        atomic_save({"format": FEATURES_FORMAT, "key": key, "fields": fields, "features": features.contiguous(),
+                     "labels": labels}, path)
+        return path
+
+
+def cached_features(cache: FeatureCache, encoder_fn: Callable[[], nn.Module], checkpoint_sha256: str,
+                    index: ImageFolderIndex, fingerprint: str, size: int, mean: Sequence[float],
+                    std: Sequence[float], device: torch.device, batch_size: int, num_workers: int,
+                    progress: bool = False, what: str = "images") -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Features of a folder for one checkpoint: from the cache, else encoded once and stored.
+
+    Args:
+        encoder_fn: returns the frozen encoder (on ``device``); called only on a cache miss.
+
+    Returns:
+        ``(features, labels, from_cache)``.
+    """
+    fields = {
+        "version": FEATURES_VERSION, "checkpoint_sha256": checkpoint_sha256, "folder": fingerprint,
+        "transform": EVAL_TRANSFORM_NAME, "size": int(size), "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std], "dtype": "float32",
+    }
+    hit = cache.load(fields)
+    if hit is not None:
+        return hit[0], hit[1], True
+    features, labels = encode_samples(encoder_fn(), index.samples, eval_transform(size, mean, std), device,
+                                      batch_size, num_workers, progress, desc=f"encoding {what}")
+    cache.store(fields, features, labels)
+    return features, labels, False
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of one head epoch, a pure function of ``(seed, epoch)``."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> EpochBatches:
+    """Shuffled mini-batches of device-resident cached features (the last batch may be smaller)."""
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(features.shape[0], seed, epoch).to(features.device)
+        for start in range(0, features.shape[0], batch_size):
+            chosen = order[start:start + batch_size]
+            yield features[chosen], labels[chosen]
+
+    return batches
+
+
+class ShuffledBatchSampler(Sampler):
+    """Batches of ``(index, epoch)`` keys in :func:`epoch_order`, last partial batch kept."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_order(self.num_samples, self.seed, self.epoch).tolist()
+        for start in range(0, self.num_samples, self.batch_size):
+            yield [(i, self.epoch) for i in order[start:start + self.batch_size]]
+
+
+def augmented_batches(encoder: nn.Module, samples: Sequence[tuple[str, int]], size: int, mean: Sequence[float],
+                      std: Sequence[float], batch_size: int, seed: int, device: torch.device,
+                      num_workers: int = 0) -> EpochBatches:
+    """The classic protocol: every head epoch, fresh augmented crops through the frozen encoder."""
+    dataset = MultiViewDataset(samples, linear_eval_augmentation(size, mean, std), n_views=1, seed=seed)
+    sampler = ShuffledBatchSampler(len(dataset), batch_size, seed)
+    loader = make_loader(dataset, num_workers, device.type == "cuda", batch_sampler=sampler)
+
+    encoder_threads = torch.get_num_threads()  # the head may train on fewer; the encoder keeps these
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler.set_epoch(epoch)
+        encoder.eval()
+        iterator = iter(loader)
+        while True:
+            with torch_threads(encoder_threads), torch.no_grad():
+                batch = next(iterator, None)
+                if batch is None:
+                    return
+                views, targets = batch
+                features = encoder(views[:, 0].to(device, non_blocking=True)).float()
+            yield features, targets.to(device, non_blocking=True)
+
+    return batches

@@ -1,0 +1,220 @@
+"""``probe-all``: a linear head on every checkpoint of a run (in a backbone-epoch range), one table.
+
+Outputs under ``RUN/probe/``::
+
+    probe_results.csv / .md   checkpoint, backbone epoch, best val accuracy, head epoch (+ details in the CSV)
+    probe_plot.png            best val accuracy per checkpoint over the training loss
+    heads/<ckpt>__<key>.pth   each head's weights and record (weights_only-loadable)
+    cache/features_<key>.pt   encoded features, keyed by checkpoint content + folder + transform
+
+A checkpoint already probed with the same settings on the same data (same ``<key>``) is skipped
+unless ``force``. Everything that can fail on bad input (run, range, folders, class names, every
+checkpoint to probe) is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from linear_probe.checkpoints import (
+    CheckpointRef,
+    FileStamp,
+    assert_encoder_unchanged,
+    build_frozen_encoder,
+    check_checkpoint,
+    find_checkpoints,
+    format_backbone_epoch,
+)
+from linear_probe.config import AUTO, ProbeConfig, resolve_device
+from linear_probe.features import (
+    FeatureCache,
+    augmented_batches,
+    cached_batches,
+    cached_features,
+    folder_fingerprint,
+)
+from linear_probe.heads import (
+    HEADS_DIR,
+    HeadRecord,
+    head_file_name,
+    load_head_record,
+    load_head_records,
+    save_head,
+)
+from linear_probe.plateau import AutoFrom, choose_from_run, read_curves
+from linear_probe.probe import HeadSettings, settings_key, train_linear_head
+from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
+from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
+from supcon.checkpoint import atomic_write_text, load_checkpoint
+from supcon.data import ImageFolderIndex
+from supcon.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+RESULTS_CSV = "probe_results.csv"
+RESULTS_MD = "probe_results.md"
+PLOT_PNG = "probe_plot.png"
+
+
+@dataclass
+class ProbeAllResult:
+    """What ``probe-all`` did: the table's records, which checkpoints were probed or skipped, the files."""
+
+    run_dir: Path
+    probe_dir: Path
+    records: list[HeadRecord]
+    probed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    auto: AutoFrom | None = None
+    table_markdown: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class _ProbeData:
+    """The folders and settings shared by every checkpoint of one probe-all call."""
+
+    run: RunInfo
+    class_names: list[str]
+    train_index: ImageFolderIndex
+    val_index: ImageFolderIndex
+    train_fingerprint: str
+    val_fingerprint: str
+    settings: HeadSettings
+    settings_key: str
+    cache: FeatureCache
+    device: torch.device
+    config: ProbeConfig
+
+
+def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
+    """Probe the run's checkpoints as configured and write the table, plot and heads.
+
+    Raises:
+        UserError: no run, no checkpoint in range, missing/empty folders, differing class names,
+            a checkpoint of another architecture, or an unsafe file; nothing is written then.
+    """
+    config = replace(config)
+    config.validate()
+    run_dir = Path(config.run) if config.run else latest_supcon_run(config.runs_root)
+    run = RunInfo.load(run_dir)
+    run.require_supcon("probe-all")
+
+    auto = None
+    from_epoch = config.from_epoch
+    if from_epoch == AUTO:
+        auto = choose_from_run(run_dir, config.auto_tolerance)
+        from_epoch = auto.epoch
+        logger.info("--from auto chose backbone epoch %d: %s", auto.epoch, auto.reason)
+    refs = find_checkpoints(run_dir, from_epoch, config.to_epoch)
+    data = _prepare_data(run, config)
+
+    todo: list[tuple[CheckpointRef, FileStamp]] = []
+    skipped: list[str] = []
+    for ref in refs:
+        head_path = run.probe_dir / HEADS_DIR / head_file_name(ref.name, data.settings_key)
+        if not config.force and head_path.is_file() and load_head_record(head_path).checkpoint_stamp.matches(ref.path):
+            skipped.append(ref.name)
+            continue
+        # Check every checkpoint before probing any, so a bad one leaves the run untouched.
+        state = load_checkpoint(ref.path)
+        check_checkpoint(state, ref.path, run.model_config, data.class_names)
+        build_frozen_encoder(state, ref.path)
+        todo.append((ref, FileStamp.of(ref.path)))
+    if skipped:
+        logger.info("skipping %d checkpoint(s) already probed with these settings (--force re-probes): %s",
+                    len(skipped), ", ".join(skipped))
+
+    from tqdm.auto import tqdm
+
+    probed = []
+    for ref, stamp in tqdm(todo, desc="checkpoints", disable=not progress, leave=False):
+        record, state_dict = probe_checkpoint(ref, stamp, data, progress)
+        save_head(run.probe_dir, record, state_dict)
+        probed.append(ref.name)
+        logger.info("%s (backbone epoch %s): best val accuracy %.2f%% at head epoch %d (%.1f s)", ref.name,
+                    format_backbone_epoch(ref.backbone_epoch, ref.steps_into_epoch), 100 * record.best_val_accuracy,
+                    record.best_head_epoch, record.seconds)
+
+    records = load_head_records(run.probe_dir, run_dir)
+    csv_rows, markdown = probe_table(records)
+    files = {"csv": run.probe_dir / RESULTS_CSV, "markdown": run.probe_dir / RESULTS_MD,
+             "plot": run.probe_dir / PLOT_PNG, "heads": run.probe_dir / HEADS_DIR}
+    write_csv(files["csv"], csv_rows, PROBE_CSV_FIELDS)
+    atomic_write_text(f"# Linear probe: {run_dir.name}\n\n{markdown}", files["markdown"])
+    plot_probe(files["plot"], records, read_curves(run_dir), auto.epoch if auto else None,
+               title=f"{run_dir.name}: linear probe per checkpoint")
+    return ProbeAllResult(run_dir, run.probe_dir, records, probed, skipped, auto, markdown, files)
+
+
+def _prepare_data(run: RunInfo, config: ProbeConfig) -> _ProbeData:
+    train_folder = config.train_folder or run.train_folder
+    if not train_folder:
+        raise UserError(f"run {run.run_dir} records no training folder; pass --train-folder DIR")
+    train_folder = str(Path(train_folder).expanduser().resolve())
+    val_folder = resolve_folder(config.val_folder, train_folder, "val", "--val-folder", run.run_info.get("val_folder"))
+    train_index = scan_checked(train_folder, "train folder", run.class_names)
+    val_index = scan_checked(val_folder, "val folder", run.class_names)
+    settings = HeadSettings(batch_size=config.batch_size, learning_rate=config.learning_rate,
+                            momentum=config.momentum, weight_decay=config.weight_decay, epochs=config.epochs,
+                            cosine=config.cosine, augment=config.augment, seed=config.seed)
+    train_fingerprint = folder_fingerprint(train_index)
+    val_fingerprint = folder_fingerprint(val_index)
+    key = settings_key(settings, train=train_fingerprint, val=val_fingerprint, size=run.size)
+    cache = FeatureCache(config.cache_dir or run.cache_dir)
+    return _ProbeData(run, run.class_names or train_index.classes, train_index, val_index, train_fingerprint,
+                      val_fingerprint, settings, key, cache, resolve_device(config.device), config)
+
+
+def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
+                     progress: bool = False) -> tuple[HeadRecord, dict[str, torch.Tensor]]:
+    """Train and validate one head on one checkpoint's frozen encoder; returns its record and weights."""
+    start = time.perf_counter()
+    state = load_checkpoint(ref.path)
+    if not stamp.matches(ref.path):  # e.g. a last.pth that a running training replaced meanwhile
+        raise UserError(f"{ref.path} changed while probe-all was running; run it again")
+    device, config, settings = data.device, data.config, data.settings
+    encoder = None
+
+    def frozen_encoder():
+        nonlocal encoder
+        if encoder is None:  # only built when features must be computed
+            encoder = build_frozen_encoder(state, ref.path).to(device)
+        return encoder
+
+    common = dict(checkpoint_sha256=stamp.sha256, size=data.run.size, mean=state["mean"], std=state["std"],
+                  device=device, batch_size=config.encode_batch_size, num_workers=config.num_workers,
+                  progress=progress)
+    val_features, val_labels, _ = cached_features(data.cache, frozen_encoder, index=data.val_index,
+                                                  fingerprint=data.val_fingerprint, what="val images", **common)
+    num_train = len(data.train_index.samples)
+    if settings.augment:
+        batches = augmented_batches(frozen_encoder(), data.train_index.samples, data.run.size, state["mean"],
+                                    state["std"], settings.batch_size, settings.seed, device, config.num_workers)
+    else:
+        train_features, train_labels, _ = cached_features(data.cache, frozen_encoder, index=data.train_index,
+                                                          fingerprint=data.train_fingerprint, what="train images",
+                                                          **common)
+        batches = cached_batches(train_features.to(device), train_labels.to(device), settings.batch_size,
+                                 settings.seed)
+    result = train_linear_head(batches, math.ceil(num_train / settings.batch_size), val_features.to(device),
+                               val_labels.to(device), len(data.class_names), settings)
+    if encoder is not None:
+        assert_encoder_unchanged(encoder, state["encoder"], ref.path)
+    record = HeadRecord(
+        checkpoint=ref.name, checkpoint_stamp=stamp, backbone_epoch=ref.backbone_epoch,
+        steps_into_epoch=ref.steps_into_epoch, best_val_accuracy=result.best_val_accuracy,
+        best_head_epoch=result.best_head_epoch, best_val_loss=result.best_val_loss, settings=settings.to_dict(),
+        settings_key=data.settings_key, class_names=list(data.class_names), val_folder=data.val_index.root,
+        train_folder=data.train_index.root, num_train=num_train, num_val=len(data.val_index.samples),
+        feature_dim=int(val_features.shape[1]), val_accuracy_per_epoch=result.val_accuracy_per_epoch,
+        val_loss_per_epoch=result.val_loss_per_epoch, train_loss_per_epoch=result.train_loss_per_epoch,
+        seconds=time.perf_counter() - start,
+    )
+    return record, result.state_dict

@@ -1,0 +1,182 @@
+"""Tables (CSV and markdown) and PNG plots of the probe and test results.
+
+Plots are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, so no GUI backend or
+pyplot global state is involved; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from linear_probe.checkpoints import format_backbone_epoch
+from linear_probe.heads import HeadRecord
+from supcon.checkpoint import atomic_write_bytes, atomic_write_text
+
+PROBE_HEADERS = ["checkpoint", "backbone epoch", "best val accuracy", "head epoch"]
+PROBE_CSV_FIELDS = ["checkpoint", "backbone_epoch", "steps_into_epoch", "best_val_accuracy", "head_epoch",
+                    "best_val_loss", "settings", "settings_key", "head_file", "seconds"]
+COMPARISON_HEADERS = ["bs / backbone epoch / head epoch", "Accuracy", "Precision", "Recall", "F1", "Network", "Run"]
+COMPARISON_CSV_FIELDS = ["run", "kind", "batch_size", "backbone_epoch", "head_epoch", "checkpoint", "val_accuracy",
+                         "accuracy", "precision", "recall", "f1", "average", "roc_auc", "network", "test_folder"]
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (pipes in cells escaped)."""
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in fields} for row in rows)
+    atomic_write_text(buffer.getvalue(), path)
+
+
+def sort_records(records: Sequence[HeadRecord]) -> list[HeadRecord]:
+    return sorted(records, key=lambda r: (r.backbone_epoch, r.steps_into_epoch, r.checkpoint, r.settings_key))
+
+
+def probe_table(records: Sequence[HeadRecord]) -> tuple[list[dict[str, Any]], str]:
+    """The probe table of a run: CSV rows and markdown (a ``probe`` column when settings differ)."""
+    records = sort_records(records)
+    csv_rows = [{
+        "checkpoint": r.checkpoint, "backbone_epoch": r.backbone_epoch, "steps_into_epoch": r.steps_into_epoch,
+        "best_val_accuracy": round(r.best_val_accuracy, 6), "head_epoch": r.best_head_epoch,
+        "best_val_loss": round(r.best_val_loss, 6), "settings": _describe(r.settings), "settings_key": r.settings_key,
+        "head_file": r.path.name if r.path else "", "seconds": round(r.seconds, 2),
+    } for r in records]
+    mixed = len({r.settings_key for r in records}) > 1
+    headers = PROBE_HEADERS + (["probe"] if mixed else [])
+    md_rows = []
+    for r in records:
+        row = [r.checkpoint, format_backbone_epoch(r.backbone_epoch, r.steps_into_epoch),
+               percent(r.best_val_accuracy), r.best_head_epoch]
+        md_rows.append(row + ([_describe(r.settings)] if mixed else []))
+    return csv_rows, markdown_table(headers, md_rows)
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    mode = "augment" if settings.get("augment") else "cached"
+    return (f"{mode}, bs {settings.get('batch_size')}, lr {settings.get('learning_rate'):g}, "
+            f"{settings.get('epochs')} ep")
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+def _known(epochs: Sequence[int], values: Sequence[float | None], scale: float = 1.0) -> tuple[list, list]:
+    """``(epochs, values)`` where the value was logged (e.g. kNN accuracy only every few epochs)."""
+    pairs = [(e, scale * v) for e, v in zip(epochs, values, strict=True) if v is not None]
+    return [e for e, _ in pairs], [v for _, v in pairs]
+
+
+def plot_probe(path: str | os.PathLike, records: Sequence[HeadRecord], curves: dict[str, list],
+               auto_epoch: int | None = None, title: str = "") -> None:
+    """Val accuracy per checkpoint over the training loss (with collapsed level, kNN accuracy, spread).
+
+    Top: the loss and its collapsed level (left axis), each checkpoint's best probe val accuracy and
+    the online kNN accuracy (right axis). Bottom: the embedding spread. ``--from auto``'s epoch is a
+    dotted vertical line.
+    """
+    figure = Figure(figsize=(8, 6.5), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    epochs = curves.get("epoch", [])
+    if epochs:
+        top.plot(epochs, curves["loss"], color="tab:blue", label="training loss")
+        top.plot(*_known(epochs, curves["collapsed_loss"]), color="tab:blue", linestyle="--", alpha=0.5,
+                 label="collapsed level")
+        bottom.plot(*_known(epochs, curves["spread"]), color="tab:green")
+    top.set_ylabel("training loss")
+    bottom.set_ylabel("spread")
+    bottom.set_xlabel("backbone epoch")
+    right = top.twinx()
+    records = sort_records(records)
+    colours = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    for i, settings_key in enumerate(dict.fromkeys(r.settings_key for r in records)):
+        group = [r for r in records if r.settings_key == settings_key]
+        right.plot([r.backbone_epoch for r in group], [100 * r.best_val_accuracy for r in group], marker="o",
+                   color=colours[i % len(colours)], label=f"probe val accuracy ({_describe(group[0].settings)})")
+    if epochs:
+        right.plot(*_known(epochs, curves["knn_accuracy"], scale=100), marker="x", linestyle=":", color="tab:orange",
+                   label="kNN val accuracy")
+    right.set_ylabel("val accuracy (%)")
+    if auto_epoch is not None:
+        for axis in (top, bottom):
+            axis.axvline(auto_epoch, color="black", linestyle=":")
+        top.annotate(f"--from auto: {auto_epoch}", (auto_epoch, 1), xycoords=("data", "axes fraction"),
+                     xytext=(3, -12), textcoords="offset points", fontsize=8)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = top.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    figure.legend(handles[0] + more[0], handles[1] + more[1], loc="outside lower center", ncol=2, fontsize=8)
+    if title:
+        top.set_title(title)
+    _save(figure, path)
+
+
+def plot_confusion_matrix(path: str | os.PathLike, matrix: Sequence[Sequence[int]], class_names: Sequence[str],
+                          title: str = "") -> None:
+    n = len(class_names)
+    side = max(4.0, 0.5 * n + 2)
+    figure = Figure(figsize=(side, side))
+    axis = figure.subplots()
+    image = axis.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    axis.set_xticks(range(n), labels=list(class_names), rotation=45, ha="right")
+    axis.set_yticks(range(n), labels=list(class_names))
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    peak = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            axis.text(j, i, str(count), ha="center", va="center",
+                      color="white" if peak and count > peak / 2 else "black", fontsize=8)
+    axis.set_title(title or "confusion matrix")
+    _save(figure, path)
+
+
+def plot_roc(path: str | os.PathLike, fpr: Sequence[float], tpr: Sequence[float], auc: float,
+             positive: str, title: str = "") -> None:
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
+    axis.plot(fpr, tpr, color="tab:red", label=f"ROC AUC {auc:.4f}")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--")
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel(f"true positive rate (positive: {positive})")
+    axis.legend(loc="lower right")
+    axis.set_title(title or "ROC curve")
+    _save(figure, path)
+
+
+def comparison_rows(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The cross-run table: CSV rows and markdown, one row per run."""
+    md_rows = []
+    for r in results:
+        head = r["head_epoch"] if r.get("head_epoch") is not None else "-"
+        md_rows.append([f"{r['batch_size']} / {r['backbone_epoch']} / {head}", percent(r["accuracy"]),
+                        percent(r["precision"]), percent(r["recall"]), percent(r["f1"]), r["network"],
+                        Path(r["run"]).name])
+    return list(results), markdown_table(COMPARISON_HEADERS, md_rows)

@@ -1,0 +1,143 @@
+"""What a run directory tells the later stages: kind, class names, folders; and the folder checks.
+
+The run directory is the contract (see ``supcon.rundir``): the train folder, class names, model
+config and image size are read from its ``config.yaml``, so probing never re-asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supcon.data import ImageFolderIndex, scan_image_folder
+from supcon.errors import UserError
+from supcon.rundir import RUN_INFO_KEY, find_runs, read_config
+
+SUPCON_KIND = "supcon"
+BASELINE_KIND = "baseline"
+PROBE_DIR = "probe"
+CACHE_DIR = "cache"
+
+
+@dataclass
+class RunInfo:
+    """The parts of a run's ``config.yaml`` that probing and testing need."""
+
+    run_dir: Path
+    kind: str
+    config: dict[str, Any]
+    run_info: dict[str, Any]
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> RunInfo:
+        """Raises: UserError when ``run_dir`` is not a run directory."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise UserError(f"run directory not found: {run_dir}")
+        data = read_config(run_dir)
+        run_info = data.get(RUN_INFO_KEY) or {}
+        if not isinstance(run_info, dict):
+            raise UserError(f"{run_dir / 'config.yaml'} has a malformed '{RUN_INFO_KEY}' entry")
+        config = {k: v for k, v in data.items() if k != RUN_INFO_KEY}
+        return cls(run_dir, str(run_info.get("kind", SUPCON_KIND)), config, run_info)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.run_info.get("class_names") or [])
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return dict(self.run_info.get("model_config") or {})
+
+    @property
+    def train_folder(self) -> str | None:
+        return self.run_info.get("data_folder") or self.config.get("data_folder")
+
+    @property
+    def size(self) -> int:
+        return int(self.config.get("size", 224))
+
+    @property
+    def global_batch(self) -> int | None:
+        value = self.run_info.get("global_batch", self.config.get("batch_size"))
+        return int(value) if value is not None else None
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        value = self.run_info.get("steps_per_epoch")
+        return int(value) if value else None
+
+    @property
+    def probe_dir(self) -> Path:
+        return self.run_dir / PROBE_DIR
+
+    @property
+    def cache_dir(self) -> Path:
+        """Default home of the feature cache."""
+        return self.probe_dir / CACHE_DIR
+
+    def require_supcon(self, command: str) -> None:
+        if self.kind != SUPCON_KIND:
+            raise UserError(
+                f"{self.run_dir} is a {self.kind!r} run; {command} works on SupCon runs "
+                "(baseline runs go straight to check-accuracies)"
+            )
+
+
+def run_kind(run_dir: Path) -> str | None:
+    """The run's kind, or None when its config.yaml cannot be read."""
+    try:
+        return RunInfo.load(run_dir).kind
+    except UserError:
+        return None
+
+
+def latest_supcon_run(root: str | os.PathLike) -> Path:
+    """The most recent SupCon run under ``root`` (by config.yaml modification time).
+
+    Raises:
+        UserError: no SupCon run there.
+    """
+    runs = [r for r in find_runs(root) if run_kind(r) == SUPCON_KIND]
+    if not runs:
+        raise UserError(
+            f"no run found under {Path(root).resolve()} (train one with supcon-train, or pass --run DIR)"
+        )
+    return runs[-1]
+
+
+def resolve_folder(explicit: str | None, train_folder: str | None, sibling: str, option: str,
+                   recorded: str | None = None) -> str:
+    """The val/test folder: ``explicit``, else a sibling ``sibling`` of the train folder, else ``recorded``.
+
+    Raises:
+        UserError: none of them exists (names the option to pass).
+    """
+    if explicit:
+        return str(Path(explicit).expanduser().resolve())
+    if train_folder:
+        candidate = Path(train_folder).parent / sibling
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    where = (f"{Path(train_folder).parent / sibling} does not exist" if train_folder
+             else "the run records no train folder")
+    raise UserError(f"no {sibling} folder: {where}; pass {option} DIR")
+
+
+def scan_checked(folder: str, what: str, class_names: list[str]) -> ImageFolderIndex:
+    """Scan an ImageFolder and check its class names against the run's.
+
+    Raises:
+        UserError: missing/empty folder, or class names that differ from ``class_names``.
+    """
+    index = scan_image_folder(folder, what)
+    if class_names and index.classes != class_names:
+        raise UserError(
+            f"class names differ between the run's training folder {class_names} and the {what} {folder} "
+            f"{index.classes}"
+        )
+    return index

@@ -1,0 +1,222 @@
+"""check-accuracies end to end: selection on val, metrics on test, files, baseline runs, bad input."""
+
+import csv
+import inspect
+import json
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import yaml
+
+from linear_probe.check import check_accuracies
+from linear_probe.cli import check_accuracies_command
+from linear_probe.config import CheckConfig
+from linear_probe.heads import load_head_records
+from linear_probe.select import select_best
+from tests.probe_helpers import (  # noqa: F401  (one_thread: autouse fixture)
+    copy_run,
+    edit_run_config,
+    invoke,
+    one_line_error,
+    one_thread,
+    probed_run,
+    snapshot,
+    write_malicious,
+)
+
+
+@pytest.fixture(scope="module")
+def probed(trained_run, tmp_path_factory):
+    return probed_run(trained_run, tmp_path_factory)
+
+
+@pytest.fixture
+def runs_root(probed, tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    copy_run(probed, root / "supcon_probed")
+    return root
+
+
+def write_baseline_run(run_dir, data_folder):
+    run_dir.mkdir(parents=True)
+    config = {"model": "resnet18", "batch_size": 32,
+              "run_info": {"kind": "baseline", "data_folder": str(data_folder), "class_names": ["neg", "pos"]}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return run_dir
+
+
+@pytest.fixture
+def fake_baseline(monkeypatch):
+    """``supcon.baseline.evaluate.predict_run`` as the contract describes it, with known outputs."""
+    calls = []
+
+    def predict_run(run_dir, test_folder=None, batch_size=256, num_workers=0):
+        calls.append({"run_dir": str(run_dir), "test_folder": test_folder, "num_workers": num_workers})
+        positive = np.array([0.1, 0.4, 0.35, 0.8])
+        return {"probabilities": np.stack([1 - positive, positive], axis=1), "labels": np.array([0, 0, 1, 1]),
+                "class_names": ["neg", "pos"], "network": "resnet18 (baseline, linear head)", "batch_size": 32,
+                "selected_epoch": 7, "val_accuracy": 0.9, "test_folder": "/data/test"}
+
+    package = types.ModuleType("supcon.baseline")
+    module = types.ModuleType("supcon.baseline.evaluate")
+    module.predict_run = predict_run
+    package.evaluate = module
+    monkeypatch.setitem(sys.modules, "supcon.baseline", package)
+    monkeypatch.setitem(sys.modules, "supcon.baseline.evaluate", module)
+    return calls
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_baseline):
+    copy_run(trained_run, runs_root / "supcon_not_probed")  # skipped: no probe results
+    write_baseline_run(runs_root / "baseline_resnet18", image_root / "train")
+    result = invoke(check_accuracies_command, ["--runs-root", runs_root, "--num-workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "| bs / backbone epoch / head epoch | Accuracy | Precision | Recall | F1 | Network | Run |" in result.stdout
+    assert "| 32 / 7 / - | 75.00% | 83.33% | 75.00% | 73.33% | resnet18 (baseline, linear head) |" in result.stdout
+    assert "supcon_not_probed" not in result.stdout
+    assert fake_baseline == [{"run_dir": str(runs_root / "baseline_resnet18"), "test_folder": None, "num_workers": 0}]
+
+    run = runs_root / "supcon_probed"
+    report = json.loads((run / "test_metrics.json").read_text())
+    best = select_best(load_head_records(run / "probe", run))
+    selection = report["selection"]
+    assert (selection["checkpoint"], selection["head_epoch"]) == (best.checkpoint, best.best_head_epoch)
+    assert selection["val_accuracy"] == best.best_val_accuracy and selection["candidates"] == 2
+    assert "highest val accuracy" in selection["tie_rule"]
+    metrics = report["metrics"]
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.sum(axis=1).tolist() == [6, 6, 6]  # 6 test images per class
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / 18)
+    assert set(metrics["per_class"]) == {"cat", "dog", "fox"} and metrics["average"] == "macro"
+    assert metrics["roc_auc"] is None and report["test_folder"] == str(image_root / "test")
+    assert report["batch_size"] == 8 and report["network"] == "SupCon test_resnet"
+    assert (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run / "roc_curve.png").exists()  # three classes
+
+    baseline = runs_root / "baseline_resnet18"
+    baseline_report = json.loads((baseline / "test_metrics.json").read_text())
+    assert baseline_report["metrics"]["roc_auc"] == pytest.approx(0.75)
+    assert baseline_report["metrics"]["confusion_matrix"] == [[2, 0], [1, 1]]
+    assert (baseline / "roc_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (baseline / "confusion_matrix.png").is_file()
+
+    rows = {r["kind"]: r for r in read_csv(runs_root / "comparison.csv")}
+    assert sorted(rows) == ["baseline", "supcon"]
+    supcon_row = rows["supcon"]
+    assert float(supcon_row["accuracy"]) == pytest.approx(metrics["accuracy"])
+    assert supcon_row["checkpoint"] == best.checkpoint and supcon_row["head_epoch"] == str(best.best_head_epoch)
+    markdown = (runs_root / "comparison.md").read_text()
+    assert "| 8 / " in markdown and "SupCon test_resnet" in markdown
+
+
+def test_selection_is_blind_to_test_labels(runs_root, image_root, tmp_path):
+    run = runs_root / "supcon_probed"
+    flipped = tmp_path / "flipped_test"
+    for source, target in [("cat", "dog"), ("dog", "fox"), ("fox", "cat")]:  # every test label changed
+        shutil.copytree(image_root / "test" / source, flipped / target)
+    reports = []
+    for test_folder in (image_root / "test", flipped):
+        check_accuracies(CheckConfig(runs=[str(run)], test_folder=str(test_folder), num_workers=0,
+                                     output=str(tmp_path)))
+        reports.append(json.loads((run / "test_metrics.json").read_text()))
+    assert reports[0]["selection"] == reports[1]["selection"]
+    assert reports[0]["metrics"]["accuracy"] != reports[1]["metrics"]["accuracy"]
+    assert reports[0]["metrics"]["accuracy"] >= 0.9 and reports[1]["metrics"]["accuracy"] <= 0.1
+
+
+def test_average_option_reaches_the_json(runs_root, tmp_path):
+    run = runs_root / "supcon_probed"
+    result = invoke(check_accuracies_command, ["--run", run, "--average", "weighted", "--output", tmp_path / "out",
+                                               "--num-workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((run / "test_metrics.json").read_text())["metrics"]["average"] == "weighted"
+    assert (tmp_path / "out" / "comparison.csv").is_file() and (tmp_path / "out" / "comparison.md").is_file()
+
+
+def test_real_baseline_run_appears_beside_the_supcon_run(runs_root, image_root, tmp_path):
+    """With baseline-train installed (issue 4): a tiny real baseline run in the same table."""
+    evaluate = pytest.importorskip("supcon.baseline.evaluate")
+    baseline_train = pytest.importorskip("supcon.baseline.train")
+    baseline_config = pytest.importorskip("supcon.baseline.config")
+    assert list(inspect.signature(evaluate.predict_run).parameters)[:4] == [
+        "run_dir", "test_folder", "batch_size", "num_workers"]
+    baseline = runs_root / "baseline_simple_cnn"
+    baseline_train.train(baseline_config.BaselineConfig(
+        data_folder=str(image_root / "train"), run_dir=str(baseline), model="simple_cnn", size=32, batch_size=12,
+        epochs=2, num_workers=0, augment="none", seed=0), progress=False)
+    result = invoke(check_accuracies_command, ["--runs-root", runs_root, "--num-workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    prediction = evaluate.predict_run(baseline)
+    expected = (prediction["probabilities"].argmax(1) == prediction["labels"]).mean()
+    report = json.loads((baseline / "test_metrics.json").read_text())
+    assert report["metrics"]["accuracy"] == pytest.approx(expected)
+    assert f"| 12 / {prediction['selected_epoch']} / - | {100 * expected:.2f}% |" in result.stdout
+    assert prediction["network"] in result.stdout and "SupCon test_resnet" in result.stdout
+
+
+# --- bad input: one line, non-zero exit, nothing written -------------------------------------------------
+
+
+def assert_refused(args, expected, *folders):
+    before = snapshot(*folders)
+    result = invoke(check_accuracies_command, [*args, "--num-workers", "0", "--quiet"])
+    assert result.exit_code != 0
+    message = one_line_error(result)
+    assert expected in message, message
+    assert snapshot(*folders) == before
+    return message
+
+
+def test_never_probed_run_names_the_command(runs_root, trained_run):
+    never = copy_run(trained_run, runs_root / "never")
+    message = assert_refused(["--run", runs_root / "supcon_probed", "--run", never], "was never probed", runs_root)
+    assert f"probe-all --run {never}" in message
+    assert not (runs_root / "supcon_probed" / "test_metrics.json").exists()  # the good run was not written either
+
+
+def test_no_run_found(tmp_path, trained_run):
+    (tmp_path / "runs").mkdir()
+    copy_run(trained_run, tmp_path / "runs" / "not_probed")
+    assert_refused(["--runs-root", tmp_path / "runs"], "no run found under", tmp_path)
+
+
+def test_empty_test_folder(runs_root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_refused(["--runs-root", runs_root, "--test-folder", tmp_path / "empty"], "has no class subfolders",
+                   runs_root)
+
+
+def test_class_names_differ_in_test_folder(runs_root, tmp_path):
+    from tests.conftest import write_image_folder
+
+    other = write_image_folder(tmp_path / "other", 2, classes={"cat": (0, 0, 0), "dog": (90, 90, 90)})
+    message = assert_refused(["--runs-root", runs_root, "--test-folder", other], "class names differ", runs_root)
+    assert "['cat', 'dog', 'fox']" in message
+
+
+def test_missing_test_folder_asks_for_the_option(runs_root, image_root, tmp_path):
+    lonely = shutil.copytree(image_root / "train", tmp_path / "alone" / "train")
+    edit_run_config(runs_root / "supcon_probed", lambda data: data["run_info"].update(data_folder=str(lonely)))
+    assert_refused(["--runs-root", runs_root], "pass --test-folder DIR", runs_root)
+
+
+def test_malicious_head_file_is_refused_and_never_runs(runs_root, tmp_path):
+    marker = tmp_path / "pwned"
+    write_malicious(runs_root / "supcon_probed" / "probe" / "heads" / "ckpt_epoch_4__0000000000000000.pth", marker)
+    assert_refused(["--runs-root", runs_root], "needs arbitrary unpickling", runs_root)
+    assert not marker.exists()
+
+
+def test_baseline_run_without_the_baseline_package(runs_root, image_root, monkeypatch):
+    write_baseline_run(runs_root / "baseline", image_root / "train")
+    monkeypatch.setitem(sys.modules, "supcon.baseline.evaluate", None)  # import fails
+    assert_refused(["--runs-root", runs_root], "baseline runs need supcon.baseline.evaluate", runs_root)
