@@ -33,13 +33,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import EndlessBatches, header, make_jpeg_folder, markdown_table, write_json  # noqa: E402
-
 import torch  # noqa: E402
+from bench_common import EndlessBatches, header, make_jpeg_folder, markdown_table, write_json  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from supcon.data import (  # noqa: E402
-    MultiViewDataset, load_rgb, make_loader, scan_image_folder, two_view_augmentation,
+    MultiViewDataset,
+    load_rgb,
+    make_loader,
+    scan_image_folder,
+    two_view_augmentation,
 )
 from supcon.gpu_augment import AugmentSpec, CropDataset  # noqa: E402
 

@@ -42,12 +42,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from bench_common import EndlessBatches, header, make_jpeg_folder, markdown_table, write_json  # noqa: E402
 
-import torch  # noqa: E402
-
 from supcon.data import (  # noqa: E402
-    MultiViewDataset, make_loader, scan_image_folder, two_view_augmentation,
+    MultiViewDataset,
+    make_loader,
+    scan_image_folder,
+    two_view_augmentation,
 )
 from supcon.gpu_augment import AugmentSpec, CropDataset, DeviceAugment  # noqa: E402
 from supcon.losses import SupConLoss  # noqa: E402

@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common  # noqa: E402,F401  # puts the repository on sys.path
-
 import torch  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 

@@ -18,7 +18,8 @@ D = TrainConfig()
               help="Accepted for the reference scripts' command lines; only 'path' (use --data-folder).")
 @click.option("--val-folder", "--val_folder", "val_folder", type=str,
               help="Val ImageFolder for the kNN monitor [default: sibling 'val' of the data folder, if any].")
-@click.option("--model", type=str, default=D.model, show_default=True, help="Any timm model name, e.g. seresnext50_32x4d.")
+@click.option("--model", type=str, default=D.model, show_default=True,
+              help="Any timm model name, e.g. seresnext50_32x4d.")
 @click.option("--pretrained/--no-pretrained", default=D.pretrained, show_default=True,
               help="Start the encoder from timm's ImageNet weights (needs network).")
 @click.option("--small-input/--no-small-input", "small_input", default=D.small_input, show_default=True,
@@ -27,6 +28,8 @@ D = TrainConfig()
               help="timm's zero init of each residual block's last BN (collapses SupCon from scratch; see README).")
 @click.option("--feat-dim", "--feat_dim", "feat_dim", type=int, default=D.feat_dim, show_default=True,
               help="Projection output size.")
+@click.option("--head-bn/--no-head-bn", "head_bn", default=D.head_bn, show_default=True,
+              help="BatchNorm after the projection head's hidden layer (avoids the early collapse; see README).")
 @click.option("--method", type=click.Choice(["supcon", "simclr"], case_sensitive=False), default=D.method,
               show_default=True, help="supcon uses the labels; simclr ignores them.")
 @click.option("--temp", type=float, default=D.temp, show_default=True, help="Loss temperature.")
@@ -59,7 +62,8 @@ D = TrainConfig()
 @click.option("--gpu-augment/--no-gpu-augment", "gpu_augment", default=None,
               help="Fast data path: workers only decode and crop (uint8); flip, colour jitter, grayscale and "
                    "normalisation run batched on the training device (GPU, or the CPU) [default: on with a GPU].")
-@click.option("--compile/--no-compile", "compile", default=D.compile, show_default=True, help="torch.compile the model.")
+@click.option("--compile/--no-compile", "compile", default=D.compile, show_default=True,
+              help="torch.compile the model.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", "grad_checkpointing", default=D.grad_checkpointing,
               show_default=True, help="Recompute encoder activations in backward: less GPU memory, ~1/3 more compute.")
 @click.option("--sync-bn/--no-sync-bn", "sync_bn", default=D.sync_bn, show_default=True,

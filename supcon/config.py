@@ -75,6 +75,7 @@ class TrainConfig:
     small_input: bool = False
     zero_init_last: bool = False
     feat_dim: int = 128
+    head_bn: bool = True
     method: str = "supcon"
     temp: float = 0.07
     base_temp: float = 0.07

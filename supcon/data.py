@@ -102,7 +102,8 @@ class _InspectDataset(Dataset):
         try:
             pixels = np.asarray(load_rgb(self.paths[index]), dtype=np.float64) / 255.0
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            return index, False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, np.zeros(3), np.zeros(3), 0
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return index, False, reason, np.zeros(3), np.zeros(3), 0
         flat = pixels.reshape(-1, 3)
         return index, True, "", flat.sum(0), (flat * flat).sum(0), flat.shape[0]
 
@@ -117,7 +118,8 @@ class FolderCheck:
 
 
 def check_images(
-    paths: Sequence[str], compute_stats: bool, num_workers: int = 0, progress: bool = True, desc: str = "checking images"
+    paths: Sequence[str], compute_stats: bool, num_workers: int = 0, progress: bool = True,
+    desc: str = "checking images",
 ) -> FolderCheck:
     """Decode every image once: find unreadable ones and, optionally, the per-channel mean and std.
 

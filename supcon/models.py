@@ -127,11 +127,18 @@ def load_encoder_weights(encoder: nn.Module, path: str) -> None:
 
 
 class ProjectionHead(nn.Module):
-    """MLP ``dim -> dim -> feat_dim`` (Linear, ReLU, Linear), as in the SupCon reference."""
+    """MLP ``dim -> dim -> feat_dim``: Linear, BatchNorm, ReLU, Linear.
 
-    def __init__(self, dim_in: int, feat_dim: int = 128):
+    ``batch_norm=False`` gives the SupCon reference head (Linear, ReLU, Linear). The BatchNorm (as in
+    SimCLR v2 / MoCo v3 heads) keeps every hidden unit spread over the batch, which stops the
+    projections collapsing to one point early in training from scratch (measured: README, "Training
+    health"). The head is dropped for probing, so this changes nothing downstream.
+    """
+
+    def __init__(self, dim_in: int, feat_dim: int = 128, batch_norm: bool = True):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(inplace=True), nn.Linear(dim_in, feat_dim))
+        hidden = [nn.Linear(dim_in, dim_in)] + ([nn.BatchNorm1d(dim_in)] if batch_norm else [])
+        self.net = nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(dim_in, feat_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -144,10 +151,10 @@ class SupConModel(nn.Module):
     L2-normalised head output (what the loss uses).
     """
 
-    def __init__(self, encoder: nn.Module, feat_dim: int = 128):
+    def __init__(self, encoder: nn.Module, feat_dim: int = 128, head_bn: bool = True):
         super().__init__()
         self.encoder = encoder
-        self.head = ProjectionHead(encoder.num_features, feat_dim)
+        self.head = ProjectionHead(encoder.num_features, feat_dim, batch_norm=head_bn)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(images)
@@ -162,12 +169,14 @@ def model_config_from(config) -> dict[str, Any]:
         "small_input": bool(config.small_input),
         "zero_init_last": bool(config.zero_init_last),
         "feat_dim": int(config.feat_dim),
+        "head_bn": bool(config.head_bn),
     }
 
 
 def build_model(model: str, small_input: bool = False, zero_init_last: bool = False, feat_dim: int = 128,
+                head_bn: bool = True,
                 pretrained: bool = False, sync_bn: bool = False) -> SupConModel:
     """Build the full SupCon network from a ``model_config`` dict's fields."""
     encoder = build_encoder(model, pretrained=pretrained, small_input=small_input, zero_init_last=zero_init_last,
                             sync_bn=sync_bn)
-    return SupConModel(encoder, feat_dim)
+    return SupConModel(encoder, feat_dim, head_bn=head_bn)

@@ -19,20 +19,45 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from supcon import __version__
 from supcon.checkpoint import (
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LAST, atomic_write_bytes, epoch_checkpoint_name, load_checkpoint,
-    rng_state, set_rng_state,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LAST,
+    atomic_write_bytes,
+    epoch_checkpoint_name,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
 )
 from supcon.config import TrainConfig, config_differences, to_yaml_dict
 from supcon.data import (
-    EpochBatchSampler, EvalDataset, MultiViewDataset, check_images, eval_transform, make_loader, report_bad_images,
-    scan_image_folder, two_view_augmentation,
+    EpochBatchSampler,
+    EvalDataset,
+    MultiViewDataset,
+    check_images,
+    eval_transform,
+    make_loader,
+    report_bad_images,
+    scan_image_folder,
+    two_view_augmentation,
 )
 from supcon.errors import UserError
-from supcon.health import COLLAPSE_ADVICE, CollapseDetector, collapsed_loss, embedding_spread, extract_features, knn_accuracy
+from supcon.health import (
+    COLLAPSE_ADVICE,
+    CollapseDetector,
+    collapsed_loss,
+    embedding_spread,
+    extract_features,
+    knn_accuracy,
+)
 from supcon.losses import SupConLoss
 from supcon.models import build_model, check_model_name, model_config_from
 from supcon.rundir import (
-    METRICS_FILE, MetricsCSV, default_run_dir, has_run_content, read_config, write_config,
+    METRICS_FILE,
+    MetricsCSV,
+    default_run_dir,
+    has_run_content,
+    read_config,
+    write_config,
 )
 from supcon.schedule import AUTO_WARM_ABOVE_BATCH, LRSchedule, linear_scaled_lr
 
@@ -347,7 +372,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     val_index = scan_image_folder(val_folder, "val folder") if val_folder else None
     config.val_folder = str(Path(val_folder).resolve()) if val_folder else None
     if val_index is not None and val_index.classes != index.classes:
-        raise UserError(f"class names differ between the data folder {index.classes} and val folder {val_index.classes}")
+        raise UserError(
+            f"class names differ between the data folder {index.classes} and val folder {val_index.classes}")
     if resume_state is not None and config.mean is None:
         config.mean, config.std = resume_state["mean"], resume_state["std"]
     need_stats = config.mean is None or config.std is None

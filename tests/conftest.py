@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny CPU models run fastest on one intra-op thread (on a shared 2-core machine two threads spin
+# against each other, 5-10x slower). Subprocess tests pass OMP_NUM_THREADS to match, since the thread
+# count changes results bit for bit.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an earlier test set."""
+    torch.set_num_threads(1)
+    yield
 
 CLASS_COLOURS = {"cat": (210, 40, 40), "dog": (40, 40, 210), "fox": (40, 190, 40)}
 

@@ -6,7 +6,6 @@ import hashlib
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from click.testing import CliRunner
@@ -84,10 +83,3 @@ def write_malicious(path: Path, marker: Path) -> None:
     torch.save({"format": "supcon-checkpoint", "payload": MarkerOnUnpickle(marker)}, path)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -24,15 +24,6 @@ TINY_ARGS = ["--model", "simple_cnn", "--size", "32", "--batch-size", "8", "--nu
              "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads spin against each other (5x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def invoke(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 

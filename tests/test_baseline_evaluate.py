@@ -16,7 +16,7 @@ from supcon.baseline.train import train
 from supcon.data import eval_transform, load_rgb
 from supcon.errors import UserError
 from tests.conftest import write_image_folder
-from tests.test_baseline_cli import one_thread, read_csv  # noqa: F401  (autouse fixture)
+from tests.test_baseline_cli import read_csv
 
 
 def tiny(data_folder, run_dir, **overrides) -> BaselineConfig:

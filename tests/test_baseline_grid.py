@@ -12,7 +12,7 @@ import supcon.baseline.grid as grid_module
 from supcon.baseline.config import BaselineConfig, expand_grid, is_grid
 from supcon.baseline.grid import summarize
 from supcon.baseline.train import BaselineResult
-from tests.test_baseline_cli import TINY_ARGS, assert_one_line_error, invoke, one_thread, read_csv, snapshot  # noqa: F401
+from tests.test_baseline_cli import TINY_ARGS, assert_one_line_error, invoke, read_csv, snapshot
 
 GRID_ARGS = [*TINY_ARGS, "--epochs", "1", "--batch-size", "12", "--optimizer", "sgd,adam", "--learning-rate", "0.01",
              "--seeds", "2"]

@@ -18,7 +18,6 @@ from supcon.baseline.models import (
 )
 from supcon.baseline.nets import CUSTOM_NETS
 from supcon.errors import UserError
-from tests.test_baseline_cli import one_thread  # noqa: F401  (autouse fixture)
 
 
 def model(name: str, num_classes: int = 3, **kwargs) -> nn.Module:

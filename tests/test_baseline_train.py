@@ -17,7 +17,6 @@ from supcon.baseline.data import stratified_split, train_transform
 from supcon.baseline.models import build_model, make_model_config
 from supcon.baseline.train import EarlyStopping, load_baseline_checkpoint, make_scheduler, train
 from supcon.errors import UserError
-from tests.test_baseline_cli import one_thread  # noqa: F401  (autouse fixture)
 
 
 def tiny_config(data_folder, run_dir, **overrides) -> BaselineConfig:

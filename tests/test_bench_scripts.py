@@ -43,8 +43,8 @@ def test_bench_train_compares_the_plain_and_fast_paths(jpeg_folder, tmp_path, ca
     assert written["results"] == report["results"]
     assert {"name", "type", "cpu"} <= written["device"].keys() and {"torch", "timm"} <= written["versions"].keys()
     rows = {(r["setting"], r["data"]): r for r in written["results"]}
-    assert set(rows) == {("plain", "synthetic"), ("plain", "folder"),
-                         ("fast fp32/nchw/eager/device-aug", "synthetic"), ("fast fp32/nchw/eager/device-aug", "folder")}
+    fast = "fast fp32/nchw/eager/device-aug"
+    assert set(rows) == {("plain", "synthetic"), ("plain", "folder"), (fast, "synthetic"), (fast, "folder")}
     for (setting, _), row in rows.items():
         assert row["images_per_s"] > 0 and len(row["images_per_s_runs"]) == 2 and row["rounds"] == 2
         assert row["ratio_vs_plain"] == (1.0 if setting == "plain" else pytest.approx(

@@ -16,12 +16,11 @@ from linear_probe.cli import check_accuracies_command
 from linear_probe.config import CheckConfig
 from linear_probe.heads import load_head_records
 from linear_probe.select import select_best
-from tests.probe_helpers import (  # noqa: F401  (one_thread: autouse fixture)
+from tests.probe_helpers import (
     copy_run,
     edit_run_config,
     invoke,
     one_line_error,
-    one_thread,
     probed_run,
     snapshot,
     write_malicious,

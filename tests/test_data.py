@@ -8,7 +8,12 @@ import torch
 from PIL import Image
 
 from supcon.data import (
-    EpochBatchSampler, MultiViewDataset, check_images, report_bad_images, scan_image_folder, two_view_augmentation,
+    EpochBatchSampler,
+    MultiViewDataset,
+    check_images,
+    report_bad_images,
+    scan_image_folder,
+    two_view_augmentation,
 )
 from supcon.errors import UserError
 from tests.conftest import write_image_folder

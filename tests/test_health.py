@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from supcon.health import (
-    CollapseDetector, collapsed_loss, embedding_spread, extract_features, knn_accuracy, weighted_knn_predict,
+    CollapseDetector,
+    collapsed_loss,
+    embedding_spread,
+    extract_features,
+    knn_accuracy,
+    weighted_knn_predict,
 )
 from supcon.losses import SupConLoss
 from tests.conftest import tiny_config
@@ -170,7 +175,7 @@ def test_knn_monitor_features_come_from_every_process():
     queue = context.SimpleQueue()
     mp.start_processes(_gather_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
-    for rank, processes, features, labels in results:
+    for _rank, processes, features, labels in results:
         assert processes == 2
         # every process holds every sample once, in order (the padding of the last shard is dropped)
         assert features == [float(i) for i in range(11)]

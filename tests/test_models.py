@@ -11,15 +11,6 @@ from supcon.models import SupConModel, build_encoder, build_model, model_config_
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU models run fastest on one thread, most of all on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_small_input_swaps_in_a_3x3_stride_1_stem_without_maxpool():
     standard = build_encoder("resnet18")
     small = build_encoder("resnet18", small_input=True)
@@ -73,9 +64,11 @@ def test_forward_returns_features_and_normalised_projection():
     torch.manual_seed(0)
     model = build_model("test_resnet", small_input=True, feat_dim=24)
     head = model.head.net
-    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     dim = model.encoder.num_features
-    assert (head[0].in_features, head[0].out_features, head[2].out_features) == (dim, dim, 24)
+    assert (head[0].in_features, head[0].out_features, head[3].out_features) == (dim, dim, 24)
+    reference = build_model("test_resnet", small_input=True, feat_dim=24, head_bn=False).head.net
+    assert [type(m) for m in reference] == [nn.Linear, nn.ReLU, nn.Linear]  # the SupCon reference head
     out = model(torch.randn(4, 3, 16, 16))
     assert set(out) == {"features", "projection"}
     assert out["features"].shape == (4, dim)
@@ -88,7 +81,8 @@ def test_forward_returns_features_and_normalised_projection():
 def test_model_config_rebuilds_the_same_architecture(tmp_path):
     config = tiny_config(tmp_path, tmp_path / "run", feat_dim=32)
     model_config = model_config_from(config)
-    assert model_config == {"model": "test_resnet", "small_input": True, "zero_init_last": False, "feat_dim": 32}
+    assert model_config == {"model": "test_resnet", "small_input": True, "zero_init_last": False, "feat_dim": 32,
+                            "head_bn": True}
     torch.manual_seed(0)
     original = build_model(**model_config)
     rebuilt = build_model(**model_config)

@@ -22,7 +22,6 @@ from linear_probe.probe import HeadSettings, evaluate_head, make_head, settings_
 from supcon.checkpoint import load_checkpoint
 from supcon.data import eval_transform, scan_image_folder
 from supcon.errors import UserError
-from tests.probe_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def blobs(n_per_class, num_classes=3, dim=8, spread=1.5, seed=0):

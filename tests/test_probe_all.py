@@ -11,13 +11,12 @@ from linear_probe.config import ProbeConfig
 from linear_probe.heads import load_head_state
 from linear_probe.probe_all import probe_all
 from supcon.checkpoint import safe_load
-from tests.probe_helpers import (  # noqa: F401  (one_thread: autouse fixture)
+from tests.probe_helpers import (
     copy_run,
     edit_checkpoint,
     edit_run_config,
     invoke,
     one_line_error,
-    one_thread,
     probed_run,
     snapshot,
     write_malicious,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.probe_helpers import copy_run, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tests.probe_helpers import copy_run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_probe.py"
 

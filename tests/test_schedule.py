@@ -5,22 +5,12 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
 from supcon.cli import train_command
 from supcon.schedule import LRSchedule, linear_scaled_lr
 from tests.conftest import write_image_folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, most of all on a shared 2-core machine (10x under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("global_batch,expected", [(32, 0.015625), (64, 0.03125), (256, 0.125), (1024, 0.5),

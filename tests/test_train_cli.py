@@ -28,13 +28,6 @@ SMALL_ARGS = ["--model", "test_resnet", "--small-input", "--size", "8", "--batch
               "--knn-every", "0", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread, most of all on a shared 2-core machine (10x under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def invoke(args):
@@ -106,7 +99,7 @@ def test_config_yaml_records_the_resolved_options(cli_run, train_folder):
     assert info["data_folder"] == str(train_folder.resolve())
     assert info["num_processes"] == 1 and info["global_batch"] == 8 and info["steps_per_epoch"] == 36 // 8
     assert info["model_config"] == {"model": "test_resnet", "small_input": True, "zero_init_last": False,
-                                    "feat_dim": 128}
+                                    "feat_dim": 128, "head_bn": True}
     import timm
     import torchvision
 
