@@ -130,3 +130,25 @@ class MetricsCSV:
                 writer.writeheader()
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.fields})
             f.flush()
+
+
+def open_run_outputs(run_dir: Path, config: dict[str, Any], run_info: dict[str, Any], metric_fields: list[str],
+                     start_epoch: int, is_main: bool):
+    """Create the run dir, write ``config.yaml``, and open the per-epoch CSV and TensorBoard writer.
+
+    On resume (``start_epoch > 0``) rows and events after ``start_epoch`` are dropped, so a crashed
+    epoch is not logged twice. Only the main process writes; the others get ``(csv, None)``.
+
+    Returns:
+        ``(MetricsCSV, SummaryWriter | None)``.
+    """
+    metrics_csv = MetricsCSV(Path(run_dir) / METRICS_FILE, metric_fields)
+    if not is_main:
+        return metrics_csv, None
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config, run_info)
+    metrics_csv.truncate_after(start_epoch)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
+    return metrics_csv, writer

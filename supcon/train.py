@@ -51,14 +51,7 @@ from supcon.health import (
 )
 from supcon.losses import SupConLoss
 from supcon.models import build_model, check_model_name, model_config_from
-from supcon.rundir import (
-    METRICS_FILE,
-    MetricsCSV,
-    default_run_dir,
-    has_run_content,
-    read_config,
-    write_config,
-)
+from supcon.rundir import default_run_dir, has_run_content, open_run_outputs, read_config
 from supcon.schedule import AUTO_WARM_ABOVE_BATCH, LRSchedule, linear_scaled_lr
 
 logger = logging.getLogger(__name__)
@@ -313,14 +306,16 @@ def _recorded_option(config: TrainConfig, name: str, default: Any) -> Any:
     return default
 
 
-def _broadcast(obj, accelerator: Accelerator):
+def broadcast_from_main(obj, accelerator: Accelerator):
+    """The main process's ``obj`` on every process (a no-op with one process)."""
     holder = [obj]
     if accelerator.num_processes > 1:
         broadcast_object_list(holder)
     return holder[0]
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Versions recorded in every run's config.yaml."""
     import accelerate
     import timm
     import torchvision
@@ -383,7 +378,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if is_main:
         desc = "checking images, computing mean/std" if need_stats else "checking images"
         check = check_images([p for p, _ in index.samples], need_stats, config.num_workers, progress, desc)
-    check = _broadcast(check, accelerator)
+    check = broadcast_from_main(check, accelerator)
     report_bad_images(check.bad, config.skip_bad_images)
     index = index.without([p for p, _ in check.bad])
     if need_stats:
@@ -459,19 +454,11 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         "collapsed_loss": collapsed_value,
         "model_config": model_config,
         "device": str(accelerator.device) + (f" ({torch.cuda.get_device_name()})" if on_gpu else ""),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     resolved = to_yaml_dict(config)
     resolved["run_dir"] = str(run_dir)
-    metrics_csv = MetricsCSV(run_dir / METRICS_FILE, METRIC_FIELDS)
-    writer = None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, resolved, run_info)
-        metrics_csv.truncate_after(start_epoch)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
+    metrics_csv, writer = open_run_outputs(run_dir, resolved, run_info, METRIC_FIELDS, start_epoch, is_main)
     accelerator.wait_for_everyone()
 
     # 2. Data.

@@ -48,16 +48,16 @@ from supcon.data import (
     scan_image_folder,
 )
 from supcon.errors import UserError
-from supcon.rundir import METRICS_FILE, MetricsCSV, default_run_dir, has_run_content, read_config, write_config
+from supcon.rundir import default_run_dir, has_run_content, open_run_outputs, read_config
 from supcon.train import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     StopFlag,
-    _broadcast,
-    _versions,
+    broadcast_from_main,
     default_precision,
     format_duration,
     make_accelerator,
+    package_versions,
 )
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def prepare_data(config: BaselineConfig, accelerator: Accelerator, progress: boo
         desc = "checking images, computing mean/std" if need_stats else "checking images"
         checks = (check_images([p for p, _ in train_samples], need_stats, config.num_workers, progress, desc),
                   check_images([p for p, _ in val_samples], False, config.num_workers, progress, "checking val images"))
-    train_check, val_check = _broadcast(checks, accelerator)
+    train_check, val_check = broadcast_from_main(checks, accelerator)
     bad = train_check.bad + val_check.bad
     report_bad_images(bad, config.skip_bad_images)
     bad_paths = {p for p, _ in bad}
@@ -462,19 +462,11 @@ def train(config: BaselineConfig, progress: bool = True, data: PreparedData | No
         "global_batch": global_batch,
         "steps_per_epoch": steps_per_epoch,
         "device": str(accelerator.device),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     resolved = to_yaml_dict(config)
     resolved["run_dir"] = str(run_dir)
-    metrics_csv = MetricsCSV(run_dir / METRICS_FILE, METRIC_FIELDS)
-    writer = None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, resolved, run_info)
-        metrics_csv.truncate_after(start_epoch)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
+    metrics_csv, writer = open_run_outputs(run_dir, resolved, run_info, METRIC_FIELDS, start_epoch, is_main)
     accelerator.wait_for_everyone()
 
     # 2. Data.
