@@ -34,6 +34,9 @@ D = TrainConfig()
               show_default=True, help="supcon uses the labels; simclr ignores them.")
 @click.option("--temp", type=float, default=D.temp, show_default=True, help="Loss temperature.")
 @click.option("--size", type=int, default=D.size, show_default=True, help="Crop size (pixels).")
+@click.option("--crop-min", type=float, default=D.crop_min, show_default=True,
+              help="Smallest random crop, as a fraction of the image area.")
+@click.option("--flip/--no-flip", default=D.flip, show_default=True, help="Random horizontal flips.")
 @click.option("--mean", type=str, help='Normalisation mean "r,g,b" [default: computed from the data folder].')
 @click.option("--std", type=str, help='Normalisation std "r,g,b" [default: computed from the data folder].')
 @click.option("--batch-size", "--batch_size", "batch_size", type=int, default=D.batch_size, show_default=True,

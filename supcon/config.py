@@ -80,6 +80,8 @@ class TrainConfig:
     temp: float = 0.07
     base_temp: float = 0.07
     size: int = 224
+    crop_min: float = 0.2
+    flip: bool = True
     mean: list[float] | None = None
     std: list[float] | None = None
     batch_size: int = 32
@@ -142,6 +144,8 @@ class TrainConfig:
             raise UserError(f"--lr-decay-rate must be in (0, 1], got {self.lr_decay_rate}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise UserError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0 < self.crop_min <= 1:
+            raise UserError(f"--crop-min must be in (0, 1], got {self.crop_min}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         self.mean = parse_triplet(self.mean, "mean")

@@ -161,11 +161,17 @@ def report_bad_images(bad: list[tuple[str, str]], skip: bool) -> None:
     logger.warning("skipping %d unreadable image(s), e.g. %s", len(bad), bad[0][0])
 
 
-def two_view_augmentation(size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
-    """The SupCon training augmentation (Khosla et al. 2020), applied independently per view."""
+def two_view_augmentation(size: int, mean: Sequence[float], std: Sequence[float], crop_min: float = 0.2,
+                          flip: bool = True) -> transforms.Compose:
+    """The SupCon training augmentation (Khosla et al. 2020), applied independently per view.
+
+    Args:
+        crop_min: smallest crop area (fraction of the image) of RandomResizedCrop; 0.2 in the reference.
+        flip: random horizontal flips (turn off where mirror images mean something else, e.g. text).
+    """
     return transforms.Compose([
-        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.0)),
-        transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(size=size, scale=(crop_min, 1.0)),
+        transforms.RandomHorizontalFlip(p=0.5 if flip else 0.0),
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
         transforms.ToTensor(),

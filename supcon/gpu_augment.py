@@ -105,9 +105,10 @@ class AugmentSpec:
         )
 
     @classmethod
-    def supcon(cls, size: int, mean: Sequence[float], std: Sequence[float]) -> AugmentSpec:
+    def supcon(cls, size: int, mean: Sequence[float], std: Sequence[float], crop_min: float = 0.2,
+               flip: bool = True) -> AugmentSpec:
         """The spec of :func:`supcon.data.two_view_augmentation` for these settings."""
-        return cls.from_transform(two_view_augmentation(size, mean, std))
+        return cls.from_transform(two_view_augmentation(size, mean, std, crop_min=crop_min, flip=flip))
 
 
 class CropDataset(Dataset):
@@ -337,7 +338,7 @@ def build_gpu_pipeline(samples: Sequence[tuple[str, int]], config, device: torch
         rank: this process's index, so processes draw different parameters [default: from
             ``torch.distributed``, 0 with one process].
     """
-    spec = AugmentSpec.supcon(config.size, config.mean, config.std)
+    spec = AugmentSpec.supcon(config.size, config.mean, config.std, crop_min=config.crop_min, flip=config.flip)
     dataset = CropDataset(samples, spec, n_views, seed=config.seed)
     augment = DeviceAugment(spec, device, seed=config.seed, rank=_process_index() if rank is None else rank,
                             channels_last=bool(config.channels_last))

@@ -469,7 +469,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
         train_dataset, augment = build_gpu_pipeline(index.samples, config, accelerator.device, N_VIEWS)
     else:
-        train_dataset = MultiViewDataset(index.samples, two_view_augmentation(config.size, config.mean, config.std),
+        train_dataset = MultiViewDataset(index.samples, two_view_augmentation(
+            config.size, config.mean, config.std, crop_min=config.crop_min, flip=config.flip),
                                          N_VIEWS, seed=config.seed)
     sampler = EpochBatchSampler(len(train_dataset), config.batch_size, config.seed, accelerator.process_index, world)
     loader = make_loader(train_dataset, config.num_workers, pin, batch_sampler=sampler)
@@ -533,7 +534,11 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch, epoch_state.steps_done)
-            bar = tqdm(total=steps_per_epoch, initial=epoch_state.steps_done, desc=f"epoch {epoch + 1}/{config.epochs}",
+            desc = f"epoch {epoch + 1}/{config.epochs}"
+            if session_epochs:  # the run's ETA, from this session's mean epoch time
+                mean_epoch = (time.perf_counter() - session_start) / session_epochs
+                desc += f" (run ETA {format_duration(mean_epoch * (config.epochs - epoch))})"
+            bar = tqdm(total=steps_per_epoch, initial=epoch_state.steps_done, desc=desc,
                        disable=not (progress and is_main), leave=False, dynamic_ncols=True)
             epoch_state = train_one_epoch(
                 model, loss_fn, loader, optimizer, schedule, accelerator, epoch,

@@ -144,3 +144,24 @@ def test_augmentation_is_the_supcon_recipe():
                                                                                 (-0.1, 0.1))
     assert isinstance(gray, transforms.RandomGrayscale) and gray.p == 0.2
     assert normalize.mean == [0.1, 0.2, 0.3] and normalize.std == [0.4, 0.5, 0.6]
+
+
+def test_crop_min_and_no_flip_reach_both_data_paths():
+    from supcon.gpu_augment import AugmentSpec
+
+    plain = two_view_augmentation(32, [0.5] * 3, [0.25] * 3, crop_min=0.5, flip=False)
+    crop, flip = plain.transforms[0], plain.transforms[1]
+    assert crop.scale == (0.5, 1.0) and flip.p == 0.0
+    spec = AugmentSpec.supcon(32, [0.5] * 3, [0.25] * 3, crop_min=0.5, flip=False)
+    assert spec.scale == (0.5, 1.0) and spec.flip_p == 0.0
+    # the reference recipe stays the default
+    default = AugmentSpec.supcon(32, [0.5] * 3, [0.25] * 3)
+    assert default.scale == (0.2, 1.0) and default.flip_p == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
+def test_crop_min_out_of_range_is_refused(value):
+    from supcon.config import TrainConfig
+
+    with pytest.raises(UserError, match="--crop-min"):
+        TrainConfig(data_folder="x", crop_min=float(value)).validate()
