@@ -47,8 +47,17 @@ class HeadSettings:
         return asdict(self)
 
     def describe(self) -> str:
-        mode = "augment" if self.augment else "cached"
-        return f"{mode}, bs {self.batch_size}, lr {self.learning_rate:g}, {self.epochs} ep"
+        """E.g. ``cached, bs 256, lr 0.25, 100 ep`` (weight decay shown when not 0)."""
+        return describe_settings(self.to_dict())
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """A short label of head settings for tables and plot legends."""
+    mode = "augment" if settings.get("augment") else "cached"
+    text = f"{mode}, bs {settings.get('batch_size')}, lr {settings.get('learning_rate'):g}"
+    if settings.get("weight_decay"):
+        text += f", wd {settings['weight_decay']:g}"
+    return text + f", {settings.get('epochs')} ep"
 
 
 def settings_key(settings: HeadSettings, **data: Any) -> str:

@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from linear_probe.checkpoints import format_backbone_epoch
 from linear_probe.heads import HeadRecord
+from linear_probe.probe import describe_settings
 from supcon.checkpoint import atomic_write_bytes, atomic_write_text
 
 PROBE_HEADERS = ["checkpoint", "backbone epoch", "best val accuracy", "head epoch"]
@@ -61,7 +62,8 @@ def probe_table(records: Sequence[HeadRecord]) -> tuple[list[dict[str, Any]], st
     csv_rows = [{
         "checkpoint": r.checkpoint, "backbone_epoch": r.backbone_epoch, "steps_into_epoch": r.steps_into_epoch,
         "best_val_accuracy": round(r.best_val_accuracy, 6), "head_epoch": r.best_head_epoch,
-        "best_val_loss": round(r.best_val_loss, 6), "settings": _describe(r.settings), "settings_key": r.settings_key,
+        "best_val_loss": round(r.best_val_loss, 6), "settings": describe_settings(r.settings),
+        "settings_key": r.settings_key,
         "head_file": r.path.name if r.path else "", "seconds": round(r.seconds, 2),
     } for r in records]
     mixed = len({r.settings_key for r in records}) > 1
@@ -70,14 +72,8 @@ def probe_table(records: Sequence[HeadRecord]) -> tuple[list[dict[str, Any]], st
     for r in records:
         row = [r.checkpoint, format_backbone_epoch(r.backbone_epoch, r.steps_into_epoch),
                percent(r.best_val_accuracy), r.best_head_epoch]
-        md_rows.append(row + ([_describe(r.settings)] if mixed else []))
+        md_rows.append(row + ([describe_settings(r.settings)] if mixed else []))
     return csv_rows, markdown_table(headers, md_rows)
-
-
-def _describe(settings: dict[str, Any]) -> str:
-    mode = "augment" if settings.get("augment") else "cached"
-    return (f"{mode}, bs {settings.get('batch_size')}, lr {settings.get('learning_rate'):g}, "
-            f"{settings.get('epochs')} ep")
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
@@ -118,7 +114,8 @@ def plot_probe(path: str | os.PathLike, records: Sequence[HeadRecord], curves: d
     for i, settings_key in enumerate(dict.fromkeys(r.settings_key for r in records)):
         group = [r for r in records if r.settings_key == settings_key]
         right.plot([r.backbone_epoch for r in group], [100 * r.best_val_accuracy for r in group], marker="o",
-                   color=colours[i % len(colours)], label=f"probe val accuracy ({_describe(group[0].settings)})")
+                   color=colours[i % len(colours)],
+                   label=f"probe val accuracy ({describe_settings(group[0].settings)})")
     if epochs:
         right.plot(*_known(epochs, curves["knn_accuracy"], scale=100), marker="x", linestyle=":", color="tab:orange",
                    label="kNN val accuracy")
