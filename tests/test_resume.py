@@ -220,7 +220,8 @@ def test_kill_9_of_the_plain_command_after_epoch_2(data, straight, tmp_path):
     process.send_signal(signal.SIGKILL)
     if process.wait(timeout=60) != -signal.SIGKILL:
         pytest.skip("the run finished before it could be killed (machine too fast for this variant)")
-    assert final_state(run_dir)["epoch"] in (2, 3)
+    # ckpt_epoch_2 is written just before last.pth: the kill may land between the two
+    assert final_state(run_dir)["epoch"] in (1, 2, 3)
 
     result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
     assert result.exit_code == 0, result.output
