@@ -270,9 +270,14 @@ class EpochBatchSampler(Sampler):
             yield [(i, self.epoch) for i in order[start:start + self.batch_size]]
 
 
-def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, **kwargs) -> DataLoader:
-    """A DataLoader with the fast settings (persistent workers, prefetch) when workers are used."""
+def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, persistent: bool = True,
+                **kwargs) -> DataLoader:
+    """A DataLoader with the fast settings (persistent workers, prefetch) when workers are used.
+
+    ``persistent=False`` for loaders used now and then (the kNN monitor): their workers exit after
+    each pass instead of holding memory for the whole run.
+    """
     extra = {}
     if num_workers > 0:
-        extra.update(persistent_workers=True, prefetch_factor=4)
+        extra.update(persistent_workers=persistent, prefetch_factor=4)
     return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **extra, **kwargs)

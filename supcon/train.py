@@ -478,9 +478,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if config.knn_every > 0:
         tf = eval_transform(config.size, config.mean, config.std)
         eval_batch = max(config.batch_size * 2, 64)
-        bank_loader = make_loader(EvalDataset(index.samples, tf), config.num_workers, pin, batch_size=eval_batch)
-        query_loader = (make_loader(EvalDataset(val_index.samples, tf), config.num_workers, pin, batch_size=eval_batch)
-                        if val_index else None)
+        bank_loader = make_loader(EvalDataset(index.samples, tf), config.num_workers, pin, persistent=False,
+                                  batch_size=eval_batch)
+        query_loader = (make_loader(EvalDataset(val_index.samples, tf), config.num_workers, pin, persistent=False,
+                                    batch_size=eval_batch) if val_index else None)
         knn_loaders = accelerator.prepare(bank_loader) if query_loader is None else accelerator.prepare(
             bank_loader, query_loader)
         if query_loader is None:
