@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linear_probe.config import ProbeConfig
 from linear_probe.features import EpochBatches, torch_threads
 from supcon.schedule import LRSchedule
 
@@ -34,14 +35,20 @@ SINGLE_THREAD_MACS = 1 << 24
 class HeadSettings:
     """Everything that decides how a head is trained (part of the "already probed?" key)."""
 
-    batch_size: int = 256
-    learning_rate: float = 0.25
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    epochs: int = 100
-    cosine: bool = True
-    augment: bool = False
-    seed: int = 0
+    # The defaults are probe-all's (ProbeConfig), written once there.
+    batch_size: int = ProbeConfig.batch_size
+    learning_rate: float = ProbeConfig.learning_rate
+    momentum: float = ProbeConfig.momentum
+    weight_decay: float = ProbeConfig.weight_decay
+    epochs: int = ProbeConfig.epochs
+    cosine: bool = ProbeConfig.cosine
+    augment: bool = ProbeConfig.augment
+    seed: int = ProbeConfig.seed
+
+    @classmethod
+    def from_config(cls, config: ProbeConfig) -> HeadSettings:
+        """The head settings of a resolved probe-all config."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

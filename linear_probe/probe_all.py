@@ -161,9 +161,7 @@ def _prepare_data(run: RunInfo, config: ProbeConfig) -> _ProbeData:
     val_folder = resolve_folder(config.val_folder, train_folder, "val", "--val-folder", run.run_info.get("val_folder"))
     train_index = scan_checked(train_folder, "train folder", run.class_names)
     val_index = scan_checked(val_folder, "val folder", run.class_names)
-    settings = HeadSettings(batch_size=config.batch_size, learning_rate=config.learning_rate,
-                            momentum=config.momentum, weight_decay=config.weight_decay, epochs=config.epochs,
-                            cosine=config.cosine, augment=config.augment, seed=config.seed)
+    settings = HeadSettings.from_config(config)
     train_fingerprint = folder_fingerprint(train_index)
     val_fingerprint = folder_fingerprint(val_index)
     key = settings_key(settings, train=train_fingerprint, val=val_fingerprint, size=run.size)

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from torchvision import transforms
 
-from supcon.data import load_rgb, sample_seed, two_view_augmentation
+from supcon.data import MultiViewDataset, two_view_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -111,33 +110,23 @@ class AugmentSpec:
         return cls.from_transform(two_view_augmentation(size, mean, std, crop_min=crop_min, flip=flip))
 
 
-class CropDataset(Dataset):
+def _uint8_hwc(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
+class CropDataset(MultiViewDataset):
     """The worker half of the fast path: ``(uint8 views [n_views, size, size, 3], label)`` per key.
 
-    Keys are ``(index, epoch)`` from :class:`supcon.data.EpochBatchSampler` (or a bare index, epoch
-    0). Each view is torchvision's ``RandomResizedCrop`` of the decoded image, seeded by
-    ``(seed, epoch, index)`` as :class:`supcon.data.MultiViewDataset` seeds it. Pixels stay
-    channels-last (as decoded), so neither the worker nor the copy to the device reorders them.
+    The plain dataset with only the crop as its transform: each view is torchvision's
+    ``RandomResizedCrop`` of the decoded image, seeded by ``(seed, epoch, index)`` exactly as the plain
+    path seeds it. Pixels stay channels-last (as decoded), so neither the worker nor the copy to the
+    device reorders them.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], spec: AugmentSpec, n_views: int = 2, seed: int = 0):
-        self.samples = list(samples)
-        self.crop = transforms.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
-                                                 interpolation=transforms.InterpolationMode.BILINEAR)
-        self.n_views = n_views
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        path, label = self.samples[index]
-        image = load_rgb(path)
-        torch.manual_seed(sample_seed(self.seed, epoch, index))  # torchvision draws from the global RNG
-        views = torch.stack([torch.from_numpy(np.array(self.crop(image), dtype=np.uint8))
-                             for _ in range(self.n_views)])
-        return views, label
+        crop = transforms.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
+                                            interpolation=transforms.InterpolationMode.BILINEAR)
+        super().__init__(samples, transforms.Compose([crop, _uint8_hwc]), n_views, seed)
 
 
 @dataclass
