@@ -145,7 +145,8 @@ def _plan_supcon(run: RunInfo, config: CheckConfig) -> _SupConPlan:
     best = select_best(records)  # validation results only: the test folder is not even read yet
     class_names = run.class_names or best.class_names
     test_folder = resolve_folder(config.test_folder, run.train_folder, "test", "--test-folder")
-    return _SupConPlan(run, best, len(records), scan_checked(test_folder, "test folder", class_names))
+    return _SupConPlan(run, best, len(records), scan_checked(test_folder, "test folder", class_names,
+                                                             config.allow_split_class_names or run.allows_split_names))
 
 
 def _predict_run():
@@ -233,6 +234,7 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
 
 def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
     out = _predict_run()(run.run_dir, test_folder=config.test_folder, batch_size=config.encode_batch_size,
+                         allow_split_names=config.allow_split_class_names,
                          num_workers=config.num_workers)
     class_names = list(out["class_names"])
     metrics = classification_metrics(out["labels"], out["probabilities"], class_names, config.average)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from linear_probe.config import AVERAGES, CheckConfig, ProbeConfig
-from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
+from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
 
 P = ProbeConfig()
 C = CheckConfig()
@@ -40,6 +40,8 @@ NOT_CONFIG = ("config", "quiet", "verbose")
 @click.option("--num-workers", type=int, default=P.num_workers, show_default=True, help="Data-loading processes.")
 @click.option("--device", type=str, default=P.device, show_default=True, help="auto (GPU if any), cpu or cuda[:N].")
 @click.option("--cache-dir", type=str, help="Feature cache [default: RUN/probe/cache].")
+@click.option("--allow-split-class-names", is_flag=True,
+              help="Accept class folders named like dataset splits (train/val/test) [default: as the run was trained].")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML options (section 'probe:'); the command line wins.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -51,7 +53,7 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
 
     setup_logging(verbose)
     probe_config = resolve_command_config(ctx, ProbeConfig, config, section="probe", skip=NOT_CONFIG)
-    result = probe_all(probe_config, progress=not quiet)
+    result = probe_all(probe_config, progress=show_progress(quiet))
     if result.auto is not None:
         click.echo(f"--from auto: backbone epoch {result.auto.epoch}, because {result.auto.reason}")
     click.echo(result.table_markdown)
@@ -72,6 +74,8 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
 @click.option("--encode-batch-size", type=int, default=C.encode_batch_size, show_default=True)
 @click.option("--num-workers", type=int, default=C.num_workers, show_default=True, help="Data-loading processes.")
 @click.option("--device", type=str, default=C.device, show_default=True, help="auto (GPU if any), cpu or cuda[:N].")
+@click.option("--allow-split-class-names", is_flag=True,
+              help="Accept class folders named like dataset splits (train/val/test) [default: as the run was trained].")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML options (section 'check:'); the command line wins.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -83,7 +87,7 @@ def check_accuracies_command(ctx: click.Context, config: str | None, quiet: bool
 
     setup_logging(verbose)
     check_config = resolve_command_config(ctx, CheckConfig, config, section="check", skip=NOT_CONFIG)
-    result = check_accuracies(check_config, progress=not quiet)
+    result = check_accuracies(check_config, progress=show_progress(quiet))
     click.echo(result.table_markdown)
     click.echo(f"table: {result.files['csv']}, {result.files['markdown']}; per run: test_metrics.json, "
                "confusion_matrix.png (roc_curve.png for two classes)")

@@ -46,6 +46,7 @@ class ProbeConfig:
     num_workers: int = field(default_factory=_default_workers)
     device: str = "auto"
     cache_dir: str | None = None
+    allow_split_class_names: bool = False
 
     def validate(self) -> None:
         """Check the options and normalise ``from_epoch`` to an int (0: all) or ``"auto"``.
@@ -98,6 +99,7 @@ class CheckConfig:
     encode_batch_size: int = 256
     num_workers: int = field(default_factory=_default_workers)
     device: str = "auto"
+    allow_split_class_names: bool = False
 
     def validate(self) -> None:
         """Raises: UserError naming the first offending option."""

@@ -159,8 +159,9 @@ def _prepare_data(run: RunInfo, config: ProbeConfig) -> _ProbeData:
         raise UserError(f"run {run.run_dir} records no training folder; pass --train-folder DIR")
     train_folder = str(Path(train_folder).expanduser().resolve())
     val_folder = resolve_folder(config.val_folder, train_folder, "val", "--val-folder", run.run_info.get("val_folder"))
-    train_index = scan_checked(train_folder, "train folder", run.class_names)
-    val_index = scan_checked(val_folder, "val folder", run.class_names)
+    allow = config.allow_split_class_names or run.allows_split_names
+    train_index = scan_checked(train_folder, "train folder", run.class_names, allow)
+    val_index = scan_checked(val_folder, "val folder", run.class_names, allow)
     settings = HeadSettings.from_config(config)
     train_fingerprint = folder_fingerprint(train_index)
     val_fingerprint = folder_fingerprint(val_index)

@@ -56,6 +56,11 @@ class RunInfo:
         return self.run_info.get("data_folder") or self.config.get("data_folder")
 
     @property
+    def allows_split_names(self) -> bool:
+        """The run was trained with ``--allow-split-class-names`` (its classes are named like splits)."""
+        return bool(self.config.get("allow_split_class_names"))
+
+    @property
     def size(self) -> int:
         return int(self.config.get("size", 224))
 
@@ -128,13 +133,14 @@ def resolve_folder(explicit: str | None, train_folder: str | None, sibling: str,
     raise UserError(f"no {sibling} folder: {where}; pass {option} DIR")
 
 
-def scan_checked(folder: str, what: str, class_names: list[str]) -> ImageFolderIndex:
+def scan_checked(folder: str, what: str, class_names: list[str], allow_split_names: bool = False) -> ImageFolderIndex:
     """Scan an ImageFolder and check its class names against the run's.
 
     Raises:
-        UserError: missing/empty folder, or class names that differ from ``class_names``.
+        UserError: missing/empty folder, class folders named like dataset splits (unless
+            ``allow_split_names``), or class names that differ from ``class_names``.
     """
-    index = scan_image_folder(folder, what)
+    index = scan_image_folder(folder, what, allow_split_names=allow_split_names)
     if class_names and index.classes != class_names:
         raise UserError(
             f"class names differ between the run's training folder {class_names} and the {what} {folder} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from supcon.cli_utils import OneLineErrorCommand, process_rank, resolve_command_config, setup_logging
+from supcon.cli_utils import OneLineErrorCommand, process_rank, resolve_command_config, setup_logging, show_progress
 from supcon.config import TrainConfig
 
 D = TrainConfig()
@@ -75,6 +75,9 @@ D = TrainConfig()
               help="[default: runs/<model>_bs<batch>_<timestamp>]")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pth (starts it if new).")
 @click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
+@click.option("--allow-split-class-names", is_flag=True,
+              help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose "
+                   "classes really have those names; otherwise a dataset root given as an image folder is refused.")
 @click.option("--knn-every", type=int, default=D.knn_every, show_default=True,
               help="Run the kNN monitor every N epochs (0: off).")
 @click.option("--knn-k", type=int, default=D.knn_k, show_default=True, help="Neighbours of the kNN monitor.")
@@ -92,7 +95,7 @@ def train_command(ctx: click.Context, config: str | None, quiet: bool, **_):
 
     setup_logging()
     train_config = resolve_command_config(ctx, TrainConfig, config, section="train", skip=("config", "quiet"))
-    result = train(train_config, progress=not quiet)
+    result = train(train_config, progress=show_progress(quiet))
     if process_rank() == 0:
         click.echo(f"run directory: {result.run_dir}")
     return result.exit_code

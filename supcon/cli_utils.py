@@ -39,6 +39,17 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def show_progress(quiet: bool, stream=None) -> bool:
+    """Progress bars only for a person at a terminal: off with ``--quiet`` and when stderr is not a TTY.
+
+    A log file or a pipe gets the per-epoch / per-checkpoint log lines instead; tqdm's redraws
+    (carriage returns, cursor-up escapes of nested bars) would only clutter it.
+    """
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return not quiet and bool(isatty and isatty())
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log lines to stderr in a form that does not break tqdm bars."""
     from tqdm.auto import tqdm

@@ -19,7 +19,7 @@ from supcon.errors import UserError
 
 #: Options that may differ between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset(
-    {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "stop_on_collapse",
+    {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names", "stop_on_collapse",
      "collapse_patience", "compile", "grad_checkpointing", "log_every", "knn_every", "dataset"}
 )
 
@@ -107,6 +107,7 @@ class TrainConfig:
     run_dir: str | None = None
     resume: bool = False
     skip_bad_images: bool = False
+    allow_split_class_names: bool = False
     log_every: int = 10
     knn_every: int = 10
     knn_k: int = 20

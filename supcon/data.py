@@ -26,6 +26,18 @@ logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
+#: Folder names (compared case-insensitively) that name a dataset split, not a class. A "class folder"
+#: with one of these names almost always means a dataset root (``DATA/{train,val,test}``) was given
+#: where one split was meant: training on it would mix the splits and leak the test set.
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+#: The option that allows class folders named like splits, for the rare dataset whose classes are so named.
+ALLOW_SPLIT_NAMES_OPTION = "--allow-split-class-names"
+_OPTION_FOR = {"data folder": "--data-folder", "val folder": "--val-folder", "test folder": "--test-folder"}
+
 
 @dataclass
 class ImageFolderIndex:
@@ -44,17 +56,42 @@ class ImageFolderIndex:
         return ImageFolderIndex(self.root, self.classes, [s for s in self.samples if s[0] not in bad])
 
 
-def scan_image_folder(root: str | os.PathLike, what: str = "data folder", min_classes: int = 2) -> ImageFolderIndex:
+def split_named(classes: Sequence[str]) -> list[str]:
+    """The class folder names that name a dataset split (train/val/valid/validation/test, any case)."""
+    names = {name for group in SPLIT_FOLDER_NAMES.values() for name in group}
+    return [c for c in classes if c.lower() in names]
+
+
+def _refuse_split_names(root: Path, what: str, classes: list[str]) -> None:
+    """Raise for an ImageFolder whose class folders are named like dataset splits (a dataset root)."""
+    found = split_named(classes)
+    if not found:
+        return
+    wanted = "test" if "test" in what else "val" if "val" in what else "train"
+    meant = next((c for c in classes if c.lower() in SPLIT_FOLDER_NAMES[wanted]), None)
+    option = _OPTION_FOR.get(what, "the folder option")
+    hint = f"point {option} at {root / meant}" if meant else f"point {option} at one split, not the dataset root"
+    raise UserError(
+        f"{what} {root} looks like a dataset root: its class folders {', '.join(found)} are named like dataset "
+        f"splits, and training or evaluating on it would mix the splits (the test set would leak); {hint}, "
+        f"or pass {ALLOW_SPLIT_NAMES_OPTION} if these really are class names"
+    )
+
+
+def scan_image_folder(root: str | os.PathLike, what: str = "data folder", min_classes: int = 2,
+                      allow_split_names: bool = False) -> ImageFolderIndex:
     """List an ImageFolder (one subfolder per class) without opening any image.
 
     Args:
         root: the folder.
         what: how to name the folder in error messages (e.g. "val folder").
         min_classes: fewest class subfolders accepted.
+        allow_split_names: accept class folders named like dataset splits (``train``, ``val``, ``test``...).
 
     Raises:
         UserError: the folder is missing, has no class subfolders, fewer than ``min_classes``
-            classes, or a class subfolder holds no image.
+            classes, class folders named like dataset splits (unless ``allow_split_names``), or a
+            class subfolder holds no image.
     """
     root_path = Path(root).expanduser()
     if not root_path.exists():
@@ -64,6 +101,8 @@ def scan_image_folder(root: str | os.PathLike, what: str = "data folder", min_cl
     classes = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{what} {root_path} has no class subfolders (expected one subfolder of images per class)")
+    if not allow_split_names:
+        _refuse_split_names(root_path, what, classes)
     if len(classes) < min_classes:
         raise UserError(
             f"{what} {root_path} has {len(classes)} class folder ({classes[0]}); at least {min_classes} are needed"
@@ -149,16 +188,40 @@ def check_images(
     return FolderCheck(bad, [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std])
 
 
-def report_bad_images(bad: list[tuple[str, str]], skip: bool) -> None:
-    """Raise for unreadable images unless ``skip``; then just log how many were dropped."""
+def write_bad_image_list(bad: Sequence[tuple[str, str]], path: str | os.PathLike) -> None:
+    """Write every unreadable image as ``path<TAB>reason``, one a line (atomically; creates the folder)."""
+    from supcon.checkpoint import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text("".join(f"{p}\t{reason}\n" for p, reason in bad), path)
+
+
+def report_bad_images(bad: list[tuple[str, str]], skip: bool, list_path: str | os.PathLike | None = None,
+                      write_list: bool = True) -> None:
+    """Raise for unreadable images unless ``skip``; then just log how many were dropped.
+
+    Args:
+        bad: ``(path, reason)`` of every unreadable image.
+        skip: drop them (logged) instead of raising.
+        list_path: where the full list goes (named in the message), so all can be fixed at once.
+        write_list: write ``list_path`` here (False on the processes other than the main one).
+
+    Raises:
+        UserError: there are unreadable images and not ``skip``.
+    """
     if not bad:
+        if list_path is not None and write_list:
+            Path(list_path).unlink(missing_ok=True)  # a list from an earlier, refused start is stale now
         return
+    if list_path is not None and write_list:
+        write_bad_image_list(bad, list_path)
+    where = f"; all {len(bad)} are listed in {list_path}" if list_path is not None else ""
     if not skip:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(
-            f"unreadable image {bad[0][0]}: {bad[0][1]}{more}; fix or remove it, or pass --skip-bad-images"
+            f"unreadable image {bad[0][0]}: {bad[0][1]}{more}{where}; fix or remove them, or pass --skip-bad-images"
         )
-    logger.warning("skipping %d unreadable image(s), e.g. %s", len(bad), bad[0][0])
+    logger.warning("skipping %d unreadable image(s)%s", len(bad), where or f", e.g. {bad[0][0]}")
 
 
 def two_view_augmentation(size: int, mean: Sequence[float], std: Sequence[float], crop_min: float = 0.2,

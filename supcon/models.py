@@ -6,7 +6,10 @@ A checkpoint stores ``model_config`` (a plain dict) beside the weights, so
 
 from __future__ import annotations
 
+import difflib
 import logging
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import timm
@@ -54,6 +57,30 @@ def adapt_small_input(encoder: nn.Module, model_name: str) -> None:
         encoder.maxpool = nn.Identity()
 
 
+def _spelling(name: str) -> str:
+    """A model name without case, dashes, underscores or dots: ``ResNet-18`` and ``resnet18`` spell alike."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def similar_model_names(name: str, known: Iterable[str] | None = None, limit: int = 5) -> list[str]:
+    """Known model names close to ``name``: the same spelling first, then close matches (difflib).
+
+    Args:
+        name: what the user typed.
+        known: the names to search [default: every timm model].
+        limit: at most this many.
+    """
+    by_spelling: dict[str, str] = {}
+    for candidate in (timm.list_models() if known is None else known):
+        by_spelling.setdefault(_spelling(candidate), candidate)
+    target = _spelling(name)
+    if target in by_spelling:
+        return [by_spelling[target]]
+    extended = sorted((s for s in by_spelling if s.startswith(target)), key=len)  # seresnext50 -> ..._32x4d
+    close = difflib.get_close_matches(target, list(by_spelling), n=limit, cutoff=0.8)
+    return [by_spelling[s] for s in dict.fromkeys([*extended, *close])][:limit]
+
+
 def check_model_name(model_name: str) -> None:
     """Refuse a name timm does not know, suggesting similar ones (cheap: nothing is built).
 
@@ -61,8 +88,8 @@ def check_model_name(model_name: str) -> None:
         UserError: unknown model name.
     """
     if not timm.is_model(model_name):
-        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else ""
+        close = similar_model_names(model_name)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise UserError(f"unknown model {model_name!r} (not a timm model name){hint}")
 
 

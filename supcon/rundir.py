@@ -28,6 +28,8 @@ from supcon.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
+#: Every unreadable image found by the image check (``path<TAB>reason``); not run content by itself.
+BAD_IMAGES_FILE = "bad_images.txt"
 RUN_INFO_KEY = "run_info"
 DEFAULT_RUNS_ROOT = "runs"
 _CKPT_RE = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
@@ -50,8 +52,9 @@ def epoch_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
 
 
 def has_run_content(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds anything but the list of unreadable images a refused start leaves."""
     run_dir = Path(run_dir)
-    return run_dir.is_dir() and any(run_dir.iterdir())
+    return run_dir.is_dir() and any(p.name != BAD_IMAGES_FILE for p in run_dir.iterdir())
 
 
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any], run_info: dict[str, Any]) -> None:

@@ -51,7 +51,7 @@ from supcon.health import (
 )
 from supcon.losses import SupConLoss
 from supcon.models import build_model, check_model_name, model_config_from
-from supcon.rundir import default_run_dir, has_run_content, open_run_outputs, read_config
+from supcon.rundir import BAD_IMAGES_FILE, default_run_dir, has_run_content, open_run_outputs, read_config
 from supcon.schedule import AUTO_WARM_ABOVE_BATCH, LRSchedule, linear_scaled_lr
 
 logger = logging.getLogger(__name__)
@@ -360,11 +360,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         config.val_folder = str(Path(config.val_folder).expanduser().resolve())
     run_dir = _resolve_run_dir(config, accelerator)
     resume_state = _check_existing_run(run_dir, config, global_batch)
-    index = scan_image_folder(config.data_folder, "data folder")
+    index = scan_image_folder(config.data_folder, "data folder", allow_split_names=config.allow_split_class_names)
     val_folder = config.val_folder
     if val_folder is None and (Path(config.data_folder).parent / "val").is_dir():
         val_folder = str(Path(config.data_folder).parent / "val")
-    val_index = scan_image_folder(val_folder, "val folder") if val_folder else None
+    val_index = (scan_image_folder(val_folder, "val folder", allow_split_names=config.allow_split_class_names)
+                 if val_folder else None)
     config.val_folder = str(Path(val_folder).resolve()) if val_folder else None
     if val_index is not None and val_index.classes != index.classes:
         raise UserError(
@@ -379,7 +380,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         desc = "checking images, computing mean/std" if need_stats else "checking images"
         check = check_images([p for p, _ in index.samples], need_stats, config.num_workers, progress, desc)
     check = broadcast_from_main(check, accelerator)
-    report_bad_images(check.bad, config.skip_bad_images)
+    report_bad_images(check.bad, config.skip_bad_images, run_dir / BAD_IMAGES_FILE, write_list=is_main)
     index = index.without([p for p, _ in check.bad])
     if need_stats:
         config.mean, config.std = check.mean, check.std

@@ -161,10 +161,15 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def fails_cleanly(workdir: Path, args, *fragments: str) -> str:
+def fails_cleanly(workdir: Path, args, *fragments: str, bad_list: bool = False) -> str:
+    """The one-line error; nothing written (but the list of unreadable images, where there are some)."""
     run_dir = workdir / "run"
     line = assert_one_line_error(invoke([*TINY_ARGS, "--epochs", "1", "--run-dir", run_dir, *args]), *fragments)
-    assert not run_dir.exists() and not (workdir / "runs").exists()
+    assert not (workdir / "runs").exists()
+    if bad_list:
+        assert [p.name for p in run_dir.iterdir()] == ["bad_images.txt"]
+    else:
+        assert not run_dir.exists()
     return line
 
 
@@ -191,7 +196,10 @@ def test_class_folder_without_images(workdir):
 def test_corrupt_image_is_named(workdir):
     write_image_folder(workdir / "data", 4)
     (workdir / "data" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    fails_cleanly(workdir, ["--data-folder", workdir / "data", "--val-split", "0.5"], "broken.png", "unreadable")
+    fails_cleanly(workdir, ["--data-folder", workdir / "data", "--val-split", "0.5"], "broken.png", "unreadable",
+                  bad_list=True)
+    listed = (workdir / "run" / "bad_images.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [str(workdir / "data" / "dog" / "broken.png")]
 
 
 def test_val_folder_with_other_classes(workdir, image_root):

@@ -190,6 +190,8 @@ def test_pretrained_is_refused_for_custom_nets():
 def test_unknown_model_names_the_families():
     with pytest.raises(UserError, match="unknown model 'resnet_18'.*alexnet.*simple_cnn"):
         model_family("resnet_18")
+    with pytest.raises(UserError, match="did you mean alexnet\\?"):
+        model_family("alex-net")
 
 
 def test_too_small_input_is_a_clear_error():

@@ -53,7 +53,7 @@ def fake_baseline(monkeypatch):
     """``supcon.baseline.evaluate.predict_run`` as the contract describes it, with known outputs."""
     calls = []
 
-    def predict_run(run_dir, test_folder=None, batch_size=256, num_workers=0):
+    def predict_run(run_dir, test_folder=None, batch_size=256, num_workers=0, allow_split_names=False):
         calls.append({"run_dir": str(run_dir), "test_folder": test_folder, "num_workers": num_workers})
         positive = np.array([0.1, 0.4, 0.35, 0.8])
         return {"probabilities": np.stack([1 - positive, positive], axis=1), "labels": np.array([0, 0, 1, 1]),

@@ -106,10 +106,25 @@ def test_config_file_with_a_train_section_and_a_runs_config_yaml(parse, tmp_path
     assert (config.epochs, config.batch_size) == (5, 16)
 
 
-def test_quiet_turns_the_progress_bars_off(parse, tmp_path):
+def test_quiet_turns_the_progress_bars_off(parse, tmp_path, monkeypatch):
+    import io
+
+    from supcon import cli, cli_utils
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    # CliRunner's stderr is no terminal (so no bars); here the command runs as if at one
+    monkeypatch.setattr(cli, "show_progress", lambda quiet: cli_utils.show_progress(quiet, stream=Terminal()))
     parse(["--data-folder", tmp_path])
     assert parse.progress is True
     parse(["--data-folder", tmp_path, "--quiet"])
+    assert parse.progress is False
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(parse, tmp_path):
+    parse(["--data-folder", tmp_path])  # CliRunner's stderr, like a log file, is no terminal
     assert parse.progress is False
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from supcon.errors import UserError
-from supcon.models import SupConModel, build_encoder, build_model, model_config_from
+from supcon.models import SupConModel, build_encoder, build_model, check_model_name, model_config_from
 from tests.conftest import tiny_config
 
 
@@ -50,6 +50,25 @@ def test_seresnext50_builds_with_small_input_and_runs_at_32px():
 def test_unknown_model_is_a_user_error():
     with pytest.raises(UserError, match="unknown model 'resnet_does_not_exist'"):
         build_encoder("resnet_does_not_exist")
+
+
+@pytest.mark.parametrize("typed,meant", [
+    ("resnet-18", "resnet18"), ("ResNet50", "resnet50"), ("se_resnext50_32x4d", "seresnext50_32x4d"),
+    ("seresnext50", "seresnext50_32x4d"), ("efficientnet-b3", "efficientnet_b3"), ("resnet181", "resnet18"),
+])
+def test_unknown_model_suggests_the_timm_name_meant(typed, meant):
+    with pytest.raises(UserError) as error:
+        check_model_name(typed)
+    message = str(error.value)
+    assert message.startswith(f"unknown model {typed!r}")
+    suggested = message.split("did you mean ")[1].rstrip("?").split(" or ")
+    assert suggested[0] == meant and len(suggested) <= 5
+
+
+def test_unknown_model_far_from_every_name_gets_no_suggestion():
+    with pytest.raises(UserError) as error:
+        check_model_name("xyzzy")
+    assert "did you mean" not in str(error.value)
 
 
 def test_encoder_has_no_classifier_and_outputs_pooled_features():

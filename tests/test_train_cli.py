@@ -258,7 +258,28 @@ def test_corrupt_image_is_named(workdir):
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
     assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS]), f"unreadable image {corrupt}",
                           "--skip-bad-images")
-    assert_nothing_written(workdir, data)
+    # nothing but the list of unreadable images (in the run dir it would have used)
+    assert sorted(p.name for p in workdir.iterdir()) == ["data", "runs"]
+    assert [p.name for p in (workdir / "runs").rglob("*") if p.is_file()] == ["bad_images.txt"]
+
+
+def test_every_corrupt_image_is_listed_and_a_fixed_folder_then_starts(workdir):
+    data = folder(workdir)
+    corrupt = [data / "dog" / "dog_002.png", data / "fox" / "fox_001.png", data / "fox" / "fox_003.png"]
+    for path in corrupt:
+        path.write_bytes(b"garbage")
+    run_dir = workdir / "run"
+    args = ["--data-folder", data, "--run-dir", run_dir, *SMALL_ARGS, "--epochs", "1"]
+    assert_one_line_error(invoke(args), f"unreadable image {corrupt[0]}", "(and 2 more)",
+                          f"all 3 are listed in {run_dir / 'bad_images.txt'}")
+    listed = [line.split("\t") for line in (run_dir / "bad_images.txt").read_text().splitlines()]
+    assert [path for path, _ in listed] == [str(p) for p in corrupt]
+    assert all(reason for _, reason in listed)
+    assert [p.name for p in run_dir.iterdir()] == ["bad_images.txt"]  # no run content: no --resume needed
+    folder(workdir)  # the user fixes the images and runs the same command again
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "last.pth").is_file() and not (run_dir / "bad_images.txt").exists()
 
 
 def test_skip_bad_images_skips_and_counts_them(workdir):
@@ -270,6 +291,8 @@ def test_skip_bad_images_skips_and_counts_them(workdir):
                      "--skip-bad-images"])
     assert result.exit_code == 0, result.output
     assert "skipping 2 unreadable image(s)" in result.output
+    listed = [line.split("\t")[0] for line in (workdir / "run" / "bad_images.txt").read_text().splitlines()]
+    assert listed == [str(data / "dog" / "dog_002.png"), str(truncated)]
     info = yaml.safe_load((workdir / "run" / "config.yaml").read_text())["run_info"]
     assert info["bad_images_skipped"] == 2
     assert info["num_images"] == 3 * 4 - 2
@@ -300,6 +323,13 @@ def test_unknown_model(workdir):
     data = folder(workdir)
     assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--model", "resnet_nonexistent"]),
                           "unknown model 'resnet_nonexistent'")
+    assert_nothing_written(workdir, data)
+
+
+def test_misspelt_model_gets_the_timm_name(workdir):
+    data = folder(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--model", "resnet-18"]),
+                          "unknown model 'resnet-18'", "did you mean resnet18?")
     assert_nothing_written(workdir, data)
 
 

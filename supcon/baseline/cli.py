@@ -8,7 +8,7 @@ import click
 
 from supcon.baseline.config import AUGMENTATIONS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
 from supcon.baseline.models import HEADS
-from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
+from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
 
 D = BaselineConfig()
 
@@ -82,6 +82,9 @@ D = BaselineConfig()
               help="[default: runs/<model>_baseline_bs<batch>_<timestamp> (a grid: <model>_baseline_grid_...)]")
 @click.option("--resume", is_flag=True, help="Continue the run (or grid) in --run-dir (starts it if new).")
 @click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
+@click.option("--allow-split-class-names", is_flag=True,
+              help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose "
+                   "classes really have those names; otherwise a dataset root given as an image folder is refused.")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML file of options (or a 'baseline:' section); the command line wins.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -97,7 +100,7 @@ def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     if is_grid(baseline_config):
         from supcon.baseline.grid import run_grid, summary_markdown
 
-        grid = run_grid(baseline_config, progress=not quiet)
+        grid = run_grid(baseline_config, progress=show_progress(quiet))
         if main_process:
             if grid.summary:
                 click.echo(summary_markdown(grid.summary), nl=False)
@@ -105,7 +108,7 @@ def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
         return grid.exit_code
     from supcon.baseline.train import train
 
-    result = train(baseline_config, progress=not quiet)
+    result = train(baseline_config, progress=show_progress(quiet))
     if main_process:
         click.echo(f"run directory: {result.run_dir}")
     return result.exit_code

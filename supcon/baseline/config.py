@@ -23,7 +23,8 @@ LOSSES = ("ce", "bce")
 AUGMENTATIONS = ("none", "flip", "standard")
 MONITORS = ("val_loss", "val_accuracy")
 #: Options that may change between a run and its resumption (they do not change the result).
-RUNTIME_KEYS = frozenset({"num_workers", "resume", "run_dir", "config", "skip_bad_images", "seeds", "test_folder"})
+RUNTIME_KEYS = frozenset({"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names",
+                          "seeds", "test_folder"})
 
 
 @dataclass
@@ -68,6 +69,7 @@ class BaselineConfig:
     run_dir: str | None = None
     resume: bool = False
     skip_bad_images: bool = False
+    allow_split_class_names: bool = False
 
     def validate(self) -> None:
         """Check one run's values (a grid is expanded first) and parse the text forms.

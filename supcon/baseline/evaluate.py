@@ -18,7 +18,7 @@ from supcon.baseline.models import build_model
 from supcon.baseline.train import BEST, load_baseline_checkpoint, predict
 from supcon.data import EvalDataset, check_images, eval_transform, make_loader, report_bad_images, scan_image_folder
 from supcon.errors import UserError
-from supcon.rundir import RUN_INFO_KEY, read_config
+from supcon.rundir import BAD_IMAGES_FILE, RUN_INFO_KEY, read_config
 from supcon.train import make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def resolve_test_folder(run_info: dict[str, Any], test_folder: str | os.PathLike
 
 
 def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | None = None, batch_size: int = 256,
-                num_workers: int = 0, accelerator: Accelerator | None = None) -> dict[str, Any]:
+                num_workers: int = 0, accelerator: Accelerator | None = None,
+                allow_split_names: bool = False) -> dict[str, Any]:
     """Class probabilities of a baseline run's best-by-validation network on a test folder.
 
     Args:
@@ -61,6 +62,8 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
         batch_size: images per forward pass.
         num_workers: data-loading processes.
         accelerator: the caller's Accelerator [default: a new one, fp32].
+        allow_split_names: accept test class folders named like dataset splits (also when the run was
+            trained with ``--allow-split-class-names``).
 
     Returns:
         ``probabilities`` (``np.ndarray [N, C]``; the single-logit BCE variant gives 2 columns),
@@ -82,12 +85,14 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
                         f"baseline-train --resume --run-dir {run_dir}")
     state = load_baseline_checkpoint(run_dir / BEST)
     folder = resolve_test_folder(run_info, test_folder)
-    index = scan_image_folder(folder, "test folder")
+    allow = allow_split_names or bool(config.get("allow_split_class_names"))
+    index = scan_image_folder(folder, "test folder", allow_split_names=allow)
     if index.classes != list(state["class_names"]):
         raise UserError(f"class names differ between the run {list(state['class_names'])} and the test folder "
                         f"{folder} {index.classes}")
     paths = [p for p, _ in index.samples]
-    report_bad_images(check_images(paths, False, num_workers, progress=False).bad, skip=False)
+    report_bad_images(check_images(paths, False, num_workers, progress=False).bad, skip=False,
+                      list_path=run_dir / BAD_IMAGES_FILE)
 
     model = build_model(state["model_config"])
     model.backbone.load_state_dict(state["encoder"])

@@ -203,7 +203,7 @@ def run_grid(config: BaselineConfig, progress: bool = True) -> GridResult:
         cell.validate()  # option errors (any cell) before anything else
     first = cells[0]
     model_family(first.model)
-    index = scan_image_folder(first.data_folder, "data folder")
+    index = scan_image_folder(first.data_folder, "data folder", allow_split_names=first.allow_split_class_names)
     sibling_test = Path(index.root).resolve().parent / "test"
     if not config.test_folder and not sibling_test.is_dir():
         raise UserError(f"the grid reports test metrics: give --test-folder, or put a 'test' folder beside the "
@@ -221,7 +221,7 @@ def run_grid(config: BaselineConfig, progress: bool = True) -> GridResult:
     grid_options["seeds"] = grid_options.pop("seed")
     _check_grid_dir(grid_dir, config, grid_options)
     # Check the images (and compute mean/std) once for all runs: they share the folders and the split.
-    data = prepare_data(first, make_accelerator(first.precision or default_precision()), progress)
+    data = prepare_data(first, make_accelerator(first.precision or default_precision()), progress, grid_dir)
     for cell in cells:
         cell.mean, cell.std = first.mean, first.std
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from supcon.baseline.nets import CUSTOM_NETS
 from supcon.errors import UserError
-from supcon.models import build_encoder, load_encoder_weights
+from supcon.models import build_encoder, load_encoder_weights, similar_model_names
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def model_family(name: str) -> str:
         return "torchvision"
     if timm.is_model(name):
         return "timm"
-    close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-    hint = f"; similar timm models: {', '.join(close)}" if close else ""
+    close = similar_model_names(name, [*CUSTOM_NETS, *TORCHVISION_MODELS, *timm.list_models()])
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise UserError(
         f"unknown model {name!r}: not a timm model name, nor one of torchvision's {', '.join(TORCHVISION_MODELS)}, "
         f"nor a custom net ({', '.join(CUSTOM_NETS)}){hint}"

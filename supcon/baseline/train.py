@@ -48,7 +48,7 @@ from supcon.data import (
     scan_image_folder,
 )
 from supcon.errors import UserError
-from supcon.rundir import default_run_dir, has_run_content, open_run_outputs, read_config
+from supcon.rundir import BAD_IMAGES_FILE, default_run_dir, has_run_content, open_run_outputs, read_config
 from supcon.train import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -265,26 +265,29 @@ class PreparedData:
     bad_images: int
 
 
-def prepare_data(config: BaselineConfig, accelerator: Accelerator, progress: bool) -> PreparedData:
+def prepare_data(config: BaselineConfig, accelerator: Accelerator, progress: bool,
+                 run_dir: Path | None = None) -> PreparedData:
     """Scan and check the folders, split off validation if needed, and fill in mean/std.
 
     Val folder: ``--val-folder``, else a sibling ``val`` of the data folder, else a stratified
     ``--val-split`` of the data folder (seeded by ``--split-seed``). Test folder (recorded for
     check-accuracies): ``--test-folder`` (checked now), else a sibling ``test`` if there is one.
-    Mean/std, when not given, are computed on the training part only.
+    Mean/std, when not given, are computed on the training part only. Unreadable images are all
+    listed in ``run_dir/bad_images.txt`` when ``run_dir`` is given.
 
     Raises:
         UserError: a missing or empty folder, < 2 classes, an empty class, class names that differ
             between folders, an unreadable image (unless ``--skip-bad-images``).
     """
-    index = scan_image_folder(config.data_folder, "data folder")
+    allow = config.allow_split_class_names
+    index = scan_image_folder(config.data_folder, "data folder", allow_split_names=allow)
     data_folder = Path(index.root).resolve()
     val_folder = config.val_folder
     if val_folder is None and (data_folder.parent / "val").is_dir():
         val_folder = str(data_folder.parent / "val")
     val_split = None
     if val_folder:
-        val_index = scan_image_folder(val_folder, "val folder")
+        val_index = scan_image_folder(val_folder, "val folder", allow_split_names=allow)
         if val_index.classes != index.classes:
             raise UserError(f"class names differ between the data folder {index.classes} and the val folder "
                             f"{val_index.classes}")
@@ -295,7 +298,7 @@ def prepare_data(config: BaselineConfig, accelerator: Accelerator, progress: boo
         val_split = {"fraction": config.val_split, "seed": config.split_seed}
     test_folder = config.test_folder
     if test_folder:
-        test_index = scan_image_folder(test_folder, "test folder")
+        test_index = scan_image_folder(test_folder, "test folder", allow_split_names=allow)
         if test_index.classes != index.classes:
             raise UserError(f"class names differ between the data folder {index.classes} and the test folder "
                             f"{test_index.classes}")
@@ -311,7 +314,8 @@ def prepare_data(config: BaselineConfig, accelerator: Accelerator, progress: boo
                   check_images([p for p, _ in val_samples], False, config.num_workers, progress, "checking val images"))
     train_check, val_check = broadcast_from_main(checks, accelerator)
     bad = train_check.bad + val_check.bad
-    report_bad_images(bad, config.skip_bad_images)
+    report_bad_images(bad, config.skip_bad_images, run_dir / BAD_IMAGES_FILE if run_dir else None,
+                      write_list=accelerator.is_main_process)
     bad_paths = {p for p, _ in bad}
     train_samples = [s for s in train_samples if s[0] not in bad_paths]
     val_samples = [s for s in val_samples if s[0] not in bad_paths]
@@ -396,7 +400,7 @@ def train(config: BaselineConfig, progress: bool = True, data: PreparedData | No
     if resume_state is not None and config.mean is None:
         config.mean, config.std = resume_state["mean"], resume_state["std"]
     if data is None:
-        data = prepare_data(config, accelerator, progress)
+        data = prepare_data(config, accelerator, progress, run_dir)
     num_classes = len(data.classes)
     if config.loss == "bce" and num_classes != 2:
         raise UserError(f"--loss bce (one logit) needs exactly 2 classes, the data folder has {num_classes}; use ce")
