@@ -106,7 +106,11 @@ class FeatureCache:
         return self.folder / f"features_{key[:32]}.pt"
 
     def load(self, fields: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The cached ``(features, labels)`` for ``fields``, or None (missing, unreadable or stale)."""
+        """The cached ``(features, labels)`` for ``fields``, or None (missing, unreadable, damaged or stale).
+
+        A file cut short does not load; one whose bytes changed is caught by the SHA-256 of its
+        tensors, stored beside them. Either is logged and recomputed, never trusted.
+        """
         key = self.key(fields)
         path = self.path(key)
         if not path.is_file():
@@ -114,18 +118,32 @@ class FeatureCache:
         try:
             data = safe_load(path)
         except UserError as exc:
-            logger.warning("ignoring feature cache file %s: %s", path, exc)
+            logger.warning("recomputing feature cache file %s: %s", path, exc)
             return None
         if not isinstance(data, dict) or data.get("format") != FEATURES_FORMAT or data.get("key") != key:
+            return None
+        if data.get("sha256") != tensors_sha256(data["features"], data["labels"]):
+            logger.warning("recomputing feature cache file %s: its content does not match its hash", path)
             return None
         return data["features"], data["labels"]
 
     def store(self, fields: dict[str, Any], features: torch.Tensor, labels: torch.Tensor) -> Path:
         key = self.key(fields)
         path = self.path(key)
-        atomic_save({"format": FEATURES_FORMAT, "key": key, "fields": fields, "features": features.contiguous(),
-                     "labels": labels}, path)
+        features = features.contiguous()
+        atomic_save({"format": FEATURES_FORMAT, "key": key, "fields": fields, "features": features,
+                     "labels": labels, "sha256": tensors_sha256(features, labels)}, path)
         return path
+
+
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    """SHA-256 over the dtype, shape and bytes of each tensor."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def cached_features(cache: FeatureCache, encoder_fn: Callable[[], nn.Module], checkpoint_sha256: str,

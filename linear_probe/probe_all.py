@@ -9,7 +9,9 @@ Outputs under ``RUN/probe/``::
 
 A checkpoint already probed with the same settings on the same data (same ``<key>``) is skipped
 unless ``force``. Everything that can fail on bad input (run, range, folders, class names, every
-checkpoint to probe) is checked before anything is written.
+checkpoint to probe) is checked before anything is written; a checkpoint that cannot be read
+(truncated, damaged) is listed, left as it is, and the others are probed. One probe-all at a time
+per run (``RUN/probe/.lock``); a second is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ from linear_probe.plateau import AutoFrom, choose_from_run, read_curves
 from linear_probe.probe import HeadSettings, settings_key, train_linear_head
 from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
 from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
-from supcon.checkpoint import atomic_write_text, load_checkpoint
+from supcon.checkpoint import CorruptCheckpoint, atomic_write_text, load_checkpoint
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
+from supcon.runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class ProbeAllResult:
     auto: AutoFrom | None = None
     table_markdown: str = ""
     files: dict[str, Path] = field(default_factory=dict)
+    corrupt: list[str] = field(default_factory=list)  # checkpoints that could not be read, left as they are
 
 
 @dataclass
@@ -117,20 +121,37 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
 
     todo: list[tuple[CheckpointRef, FileStamp]] = []
     skipped: list[str] = []
+    corrupt: list[str] = []
     for ref in refs:
         head_path = run.probe_dir / HEADS_DIR / head_file_name(ref.name, data.settings_key)
         if not config.force and head_path.is_file() and load_head_record(head_path).checkpoint_stamp.matches(ref.path):
             skipped.append(ref.name)
             continue
         # Check every checkpoint before probing any, so a bad one leaves the run untouched.
-        state = load_checkpoint(ref.path)
+        try:
+            state = load_checkpoint(ref.path)
+        except CorruptCheckpoint as exc:  # listed and left as it is; the others are still worth probing
+            logger.warning("skipping %s: %s", ref.name, exc)
+            corrupt.append(ref.name)
+            continue
         check_checkpoint(state, ref.path, run.model_config, data.class_names)
         build_frozen_encoder(state, ref.path)
         todo.append((ref, FileStamp.of(ref.path)))
     if skipped:
         logger.info("skipping %d checkpoint(s) already probed with these settings (--force re-probes): %s",
                     len(skipped), ", ".join(skipped))
+    if corrupt and not todo and not skipped:
+        raise UserError(f"every checkpoint in range is corrupt or truncated ({', '.join(corrupt)}); nothing to probe")
+    # One probe-all per run at a time: two would race on the heads, the tables and the feature cache.
+    with RunLock(run.probe_dir, f"the probe results of run {run_dir}"):
+        probed = _probe_checkpoints(run, data, todo, progress)
+        records, markdown, files = _write_results(run, auto)
+    return ProbeAllResult(run_dir, run.probe_dir, records, probed, skipped, auto, markdown, files, corrupt)
 
+
+def _probe_checkpoints(run: RunInfo, data: _ProbeData, todo: list[tuple[CheckpointRef, FileStamp]],
+                       progress: bool) -> list[str]:
+    """Probe each checkpoint of ``todo`` and save its head; returns their names."""
     from tqdm.auto import tqdm
 
     probed = []
@@ -141,7 +162,12 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
         logger.info("%s (backbone epoch %s): best val accuracy %.2f%% at head epoch %d (%.1f s)", ref.name,
                     format_backbone_epoch(ref.backbone_epoch, ref.steps_into_epoch), 100 * record.best_val_accuracy,
                     record.best_head_epoch, record.seconds)
+    return probed
 
+
+def _write_results(run: RunInfo, auto: AutoFrom | None) -> tuple[list[HeadRecord], str, dict[str, Path]]:
+    """Write the table (CSV, markdown) and the plot from every head record of the run."""
+    run_dir = run.run_dir
     records = load_head_records(run.probe_dir, run_dir)
     csv_rows, markdown = probe_table(records)
     files = {"csv": run.probe_dir / RESULTS_CSV, "markdown": run.probe_dir / RESULTS_MD,
@@ -150,7 +176,7 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
     atomic_write_text(f"# Linear probe: {run_dir.name}\n\n{markdown}", files["markdown"])
     plot_probe(files["plot"], records, read_curves(run_dir), auto.epoch if auto else None,
                title=f"{run_dir.name}: linear probe per checkpoint")
-    return ProbeAllResult(run_dir, run.probe_dir, records, probed, skipped, auto, markdown, files)
+    return records, markdown, files
 
 
 def _prepare_data(run: RunInfo, config: ProbeConfig) -> _ProbeData:

@@ -67,12 +67,16 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write_bytes(text.encode(), path)
 
 
+class CorruptCheckpoint(UserError):
+    """A file that cannot be read back: truncated, or damaged bytes (not an unsafe one)."""
+
+
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint with ``weights_only=True``; refuse anything else with a one-line error.
 
     Raises:
-        UserError: missing file, a file that would need arbitrary unpickling (nothing in it
-            runs), or a truncated/corrupt file.
+        UserError: missing file, or a file that would need arbitrary unpickling (nothing in it runs).
+        CorruptCheckpoint: a truncated/corrupt file.
     """
     path = Path(path)
     if not path.is_file():
@@ -86,10 +90,10 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
                 f"refusing to load {path}: it needs arbitrary unpickling (not a plain-tensor checkpoint); "
                 "nothing in it was run"
             )
-        raise UserError(f"checkpoint {path} is corrupt: {first}")
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {first}")
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({first})")
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated ({first})")
 
 
 def rng_state() -> dict[str, Any]:

@@ -25,6 +25,7 @@ import yaml
 
 from supcon.checkpoint import atomic_write_text
 from supcon.errors import UserError
+from supcon.runlock import LOCK_FILE
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -52,9 +53,9 @@ def epoch_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
 
 
 def has_run_content(run_dir: str | os.PathLike) -> bool:
-    """True when ``run_dir`` holds anything but the list of unreadable images a refused start leaves."""
+    """True when ``run_dir`` holds anything but a refused start's list of unreadable images, or a lock file."""
     run_dir = Path(run_dir)
-    return run_dir.is_dir() and any(p.name != BAD_IMAGES_FILE for p in run_dir.iterdir())
+    return run_dir.is_dir() and any(p.name not in (BAD_IMAGES_FILE, LOCK_FILE) for p in run_dir.iterdir())
 
 
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any], run_info: dict[str, Any]) -> None:

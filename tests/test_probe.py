@@ -112,6 +112,36 @@ def test_feature_cache_is_keyed_by_checkpoint_content_and_folder(trained_run, im
     assert torch.allclose(first, direct, atol=1e-5) and torch.equal(labels, direct_labels)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "changed bytes"])
+def test_damaged_feature_cache_file_is_recomputed_not_trusted(trained_run, image_root, tmp_path, caplog, damage):
+    state = load_checkpoint(trained_run / "ckpt_epoch_2.pth")
+    index = scan_image_folder(image_root / "val")
+    calls = []
+
+    def encoder():
+        calls.append(1)
+        return build_frozen_encoder(state, "ckpt_epoch_2.pth")
+
+    cache = FeatureCache(tmp_path / "cache")
+    args = dict(index=index, fingerprint=folder_fingerprint(index), size=32, mean=state["mean"], std=state["std"],
+                device=torch.device("cpu"), batch_size=64, num_workers=0, checkpoint_sha256="a" * 64)
+    original, _, _ = cached_features(cache, encoder, **args)
+    [path] = (tmp_path / "cache").glob("features_*.pt")
+    if damage == "truncated":  # the process killed mid-write before atomic writes, or a full disk
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # bit rot inside the tensor data: the file still loads
+        data = torch.load(path, weights_only=True)
+        data["features"][0, 0] += 1.0
+        torch.save(data, path)
+    calls.clear()
+    with caplog.at_level("WARNING", logger="linear_probe.features"):
+        again, _, hit = cached_features(cache, encoder, **args)
+    assert not hit and calls  # recomputed through the encoder
+    assert torch.allclose(again, original, atol=1e-6)
+    assert f"recomputing feature cache file {path}" in caplog.text
+    assert cached_features(cache, encoder, **args)[2]  # the rewritten file is trusted again
+
+
 def test_folder_fingerprint_changes_when_an_image_changes(tmp_path, image_root):
     import shutil
 

@@ -242,3 +242,66 @@ def test_bad_option_values(probed_copy):
     assert_refused(["--run", probed_copy, "--from", "soon"], "--from must be a backbone epoch", probed_copy)
     assert_refused(["--run", probed_copy, "--from", "4", "--to", "2"], "--to 2 is below --from 4", probed_copy)
     assert_refused(["--run", probed_copy, "--learning-rate", "0"], "--learning-rate must be positive", probed_copy)
+
+
+# --- faults: corrupt checkpoints, two probe-all at once ---------------------------------------------------
+
+
+def test_truncated_checkpoint_is_listed_left_alone_and_the_others_probed(run_copy):
+    bad = run_copy / "ckpt_epoch_2.pth"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])  # cut short, as by a full disk
+    damaged = bad.read_bytes()
+    result = invoke(probe_all_command, ["--run", run_copy, "--num-workers", "0", "--quiet", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "not probed, unreadable (corrupt or truncated; left as they are): ckpt_epoch_2.pth" in result.stdout
+    assert "skipping ckpt_epoch_2.pth: checkpoint" in result.stderr and "corrupt or truncated" in result.stderr
+    assert [row["checkpoint"] for row in read_table(run_copy)] == ["ckpt_epoch_4.pth"]
+    assert bad.read_bytes() == damaged  # never overwritten or deleted
+
+
+def test_every_checkpoint_corrupt_is_one_line_error(run_copy):
+    for path in run_copy.glob("*.pth"):
+        path.write_bytes(b"PK\x03\x04 not a zip any more")
+    assert_refused(["--run", run_copy], "every checkpoint in range is corrupt or truncated", run_copy)
+
+
+def test_second_probe_all_on_a_run_in_use_is_refused_naming_the_first(run_copy):
+    from tests.test_runlock import hold_in_another_process
+
+    holder = hold_in_another_process(run_copy / "probe")  # as a probe-all that is running on this run
+    try:
+        message = assert_refused(["--run", run_copy], f"is in use by process {holder.pid}", run_copy)
+        assert "the probe results of run" in message
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_probe_all_at_once_leave_complete_results(run_copy, tmp_path):
+    """A real race: the second is refused while the first runs; the first's results and cache are whole."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "first.log"
+    args = ["--run", str(run_copy), "--num-workers", "0", "--epochs", "800"]
+    with open(log, "w") as stderr:
+        first = subprocess.Popen([sys.executable, "-c", "from linear_probe.cli import probe_all_main; probe_all_main()",
+                                  *args], stdout=subprocess.DEVNULL, stderr=stderr,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lock = run_copy / "probe" / ".lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text()) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = invoke(probe_all_command, [*args, "--quiet"])
+    first_running = first.poll() is None
+    assert first.wait(timeout=600) == 0, log.read_text()
+    if first_running:  # the usual case; on a very fast machine the first may have finished already
+        assert second.exit_code != 0
+        assert f"is in use by process {first.pid}" in one_line_error(second)
+    assert [row["checkpoint"] for row in read_table(run_copy)] == ["ckpt_epoch_2.pth", "ckpt_epoch_4.pth"]
+    for cache_file in (run_copy / "probe" / "cache").glob("*.pt"):
+        assert safe_load(cache_file)["features"].ndim == 2  # every cache file loads whole
+    rerun = invoke(probe_all_command, [*args, "--quiet"])
+    assert rerun.exit_code == 0 and "skipped 2 already probed" in rerun.stdout
