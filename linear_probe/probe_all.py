@@ -51,9 +51,10 @@ from linear_probe.plateau import AutoFrom, choose_from_run, read_curves
 from linear_probe.probe import HeadSettings, settings_key, train_linear_head
 from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
 from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
-from supcon.checkpoint import atomic_write_text, load_checkpoint
+from supcon.checkpoint import atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
+from supcon.rundir import load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
             skipped.append(ref.name)
             continue
         # Check every checkpoint before probing any, so a bad one leaves the run untouched.
-        state = load_checkpoint(ref.path)
+        state = load_supcon_checkpoint(ref.path)
         check_checkpoint(state, ref.path, run.model_config, data.class_names)
         build_frozen_encoder(state, ref.path)
         todo.append((ref, FileStamp.of(ref.path)))
@@ -174,7 +175,7 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
                      progress: bool = False) -> tuple[HeadRecord, dict[str, torch.Tensor]]:
     """Train and validate one head on one checkpoint's frozen encoder; returns its record and weights."""
     start = time.perf_counter()
-    state = load_checkpoint(ref.path)
+    state = load_supcon_checkpoint(ref.path)
     if not stamp.matches(ref.path):  # e.g. a last.pth that a running training replaced meanwhile
         raise UserError(f"{ref.path} changed while probe-all was running; run it again")
     device, config, settings = data.device, data.config, data.settings

@@ -51,11 +51,12 @@ from supcon.data import (  # noqa: E402
     scan_image_folder,
     two_view_augmentation,
 )
+from supcon.engine import default_precision, make_accelerator  # noqa: E402
 from supcon.gpu_augment import AugmentSpec, CropDataset, DeviceAugment  # noqa: E402
 from supcon.losses import SupConLoss  # noqa: E402
 from supcon.models import build_model  # noqa: E402
 from supcon.schedule import LRSchedule  # noqa: E402
-from supcon.train import default_precision, make_accelerator, train_one_epoch  # noqa: E402
+from supcon.train import train_one_epoch  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

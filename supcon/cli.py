@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from supcon.cli_utils import OneLineErrorCommand, process_rank, resolve_command_config, setup_logging
+from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
 from supcon.config import TrainConfig
+from supcon.distributed import is_main_process
 
 D = TrainConfig()
 
@@ -93,7 +94,7 @@ def train_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     setup_logging()
     train_config = resolve_command_config(ctx, TrainConfig, config, section="train", skip=("config", "quiet"))
     result = train(train_config, progress=not quiet)
-    if process_rank() == 0:
+    if is_main_process():
         click.echo(f"run directory: {result.run_dir}")
     return result.exit_code
 

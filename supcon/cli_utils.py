@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
 import click
 
 from supcon.config import load_yaml, resolve, yaml_values_for
+from supcon.distributed import rank as process_rank
 from supcon.errors import UserError
 
 #: Keys of a run's config.yaml that are facts, not options (so a run's config can seed a new one).
@@ -32,11 +32,6 @@ class OneLineErrorCommand(click.Command):
             click.echo("Aborted.", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
-
-
-def process_rank() -> int:
-    """This process's global rank as set by the launchers (torchrun, accelerate launch); 0 when run alone."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def setup_logging(verbose: bool = False) -> None:

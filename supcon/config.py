@@ -253,3 +253,59 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RUNTIME_
     keys = (set(old) | set(new)) - set(ignore)
     # A value left to "auto" (None) in the new command takes the run's recorded, resolved value.
     return sorted(k for k in keys if new.get(k) is not None and old.get(k) != new.get(k))
+
+
+#: How the learning rate of a run was chosen (recorded in ``run_info.learning_rate_rule``).
+LR_RULE_LINEAR = "0.5 x global_batch / 1024"
+LR_RULE_GIVEN = "given"
+
+
+def resolve_train_config(config: TrainConfig, *, precision: str, on_gpu: bool, world_size: int,
+                         recorded: dict[str, Any] | None = None,
+                         recorded_info: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config a run trains with: every automatic option decided, as a new object (``config`` is kept).
+
+    Decides the device defaults (``precision``, ``channels_last``, ``gpu_augment``), absolute
+    folders (the val folder: :func:`supcon.rundir.find_split_folder`), the learning rate (the linear
+    scaling rule of the global batch, unless given) and ``warm`` (on above a global batch of 256).
+    A resumed run keeps what it recorded for the options left automatic (``recorded``: its
+    ``config.yaml`` options, ``recorded_info``: its ``run_info``), so nothing is re-inferred.
+    ``mean``/``std``, when neither given nor recorded, stay None: they come from the images.
+
+    Returns:
+        ``(resolved config, facts)``; facts: ``learning_rate_rule``, ``global_batch`` and
+        ``auto_warm`` (True when warm-up was switched on by the batch size now).
+    """
+    from supcon.rundir import find_split_folder
+    from supcon.schedule import AUTO_WARM_ABOVE_BATCH, linear_scaled_lr
+
+    recorded, recorded_info = recorded or {}, recorded_info or {}
+
+    def kept(name: str, default: Any) -> Any:
+        """The option as given, else as the run recorded it, else ``default``."""
+        value = getattr(config, name)
+        if value is None:
+            value = recorded.get(name)
+        return default if value is None else value
+
+    global_batch = config.batch_size * world_size
+    data_folder = str(Path(config.data_folder).expanduser().resolve())
+    if config.learning_rate is not None:
+        rule = LR_RULE_GIVEN
+    else:
+        rule = recorded_info.get("learning_rate_rule", LR_RULE_LINEAR) if recorded.get("learning_rate") else \
+            LR_RULE_LINEAR
+    warm = kept("warm", global_batch > AUTO_WARM_ABOVE_BATCH)
+    if recorded and not config.val_folder:  # the val folder the run started with (None: it had none)
+        val_folder = recorded.get("val_folder")
+    else:
+        val_folder = find_split_folder("val", config.val_folder, data_folder)
+    resolved = dataclasses.replace(
+        config, precision=precision, channels_last=on_gpu if config.channels_last is None else config.channels_last,
+        gpu_augment=kept("gpu_augment", on_gpu), data_folder=data_folder, val_folder=val_folder,
+        learning_rate=kept("learning_rate", linear_scaled_lr(global_batch)), warm=warm,
+        mean=kept("mean", None), std=kept("std", None), lr_decay_epochs=list(config.lr_decay_epochs),
+    )
+    facts = {"learning_rate_rule": rule, "global_batch": global_batch,
+             "auto_warm": config.warm is None and recorded.get("warm") is None and warm}
+    return resolved, facts

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from supcon.baseline.config import AUGMENTATIONS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
 from supcon.baseline.models import HEADS
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
+from supcon.distributed import is_main_process
 
 D = BaselineConfig()
 
@@ -93,7 +92,7 @@ def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     setup_logging()
     baseline_config = resolve_command_config(ctx, BaselineConfig, config, section="baseline",
                                              skip=("config", "quiet"))
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch, print once
+    main_process = is_main_process()  # under torchrun / accelerate launch, print once
     if is_grid(baseline_config):
         from supcon.baseline.grid import run_grid, summary_markdown
 
