@@ -21,7 +21,7 @@ NOT_CONFIG = ("config", "quiet", "verbose")
 @click.option("--to", "to_epoch", type=int, help="Last backbone epoch to probe [default: all].")
 @click.option("--train-folder", type=str, help="[default: the run's recorded training folder]")
 @click.option("--val-folder", type=str,
-              help="[default: sibling 'val' of the train folder, else the run's recorded val folder]")
+              help="[default: the run's recorded val folder, else a sibling 'val' of the train folder]")
 @click.option("--batch-size", type=int, default=P.batch_size, show_default=True, help="Head mini-batch size.")
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=P.learning_rate, show_default=True)
 @click.option("--momentum", type=float, default=P.momentum, show_default=True)
@@ -65,7 +65,8 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
               help="Run directory (repeatable) [default: every run under --runs-root with probe results, "
                    "or of kind baseline].")
 @click.option("--runs-root", type=str, default=C.runs_root, show_default=True, help="Where runs live.")
-@click.option("--test-folder", type=str, help="[default: sibling 'test' of each run's train folder]")
+@click.option("--test-folder", type=str,
+              help="[default: the run's recorded test folder, else a sibling 'test' of its train folder]")
 @click.option("--average", type=click.Choice(AVERAGES), default=C.average, show_default=True,
               help="Averaging of precision/recall/F1 over classes (per-class values go to the JSON).")
 @click.option("--output", type=str, help="Folder of comparison.csv/.md [default: --runs-root].")

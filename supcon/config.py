@@ -130,7 +130,8 @@ class TrainConfig:
             raise UserError(f"--method must be 'supcon' or 'simclr', got {self.method!r}")
         if self.batch_size < 2:
             raise UserError(f"--batch-size must be at least 2 (contrastive loss needs pairs), got {self.batch_size}")
-        for name in ("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k", "collapse_patience"):
+        for name in ("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k", "collapse_patience",
+                     "warm_epochs"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.knn_every < 0:
@@ -138,6 +139,8 @@ class TrainConfig:
         for name in ("temp", "base_temp", "knn_temperature"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.warmup_from) and self.warmup_from >= 0):
+            raise UserError(f"--warmup-from must be >= 0, got {self.warmup_from}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not 0 < self.lr_decay_rate <= 1:
