@@ -23,6 +23,7 @@ from supcon.rundir import (
     find_runs,
     find_split_folder,
     read_config,
+    run_kind,
     split_config,
 )
 
@@ -91,14 +92,6 @@ class RunInfo:
                 f"{self.run_dir} is a {self.kind!r} run; {command} works on SupCon runs "
                 "(baseline runs go straight to check-accuracies)"
             )
-
-
-def run_kind(run_dir: Path) -> str | None:
-    """The run's kind, or None when its config.yaml cannot be read."""
-    try:
-        return RunInfo.load(run_dir).kind
-    except UserError:
-        return None
 
 
 def latest_supcon_run(root: str | os.PathLike) -> Path:

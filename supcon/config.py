@@ -63,6 +63,28 @@ def parse_int_list(text: str | list | tuple | int | None, name: str) -> list[int
         raise UserError(f"--{name} must be comma-separated integers like '700,800,900', got {text!r}")
 
 
+def check_bounds(config, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = ()) -> None:
+    """Check numeric options of any command's config against their bounds.
+
+    Raises:
+        UserError: naming the first option out of bounds (``--name-with-dashes``) and its value.
+    """
+    for names, fails, bound in ((at_least_one, lambda v: v < 1, "be at least 1"),
+                                (non_negative, lambda v: v < 0, "be >= 0"),
+                                (positive, lambda v: not v > 0, "be positive")):
+        for name in names:
+            value = getattr(config, name)
+            if fails(value):
+                raise UserError(f"--{name.replace('_', '-')} must {bound}, got {value}")
+
+
+def require_data_folder(data_folder: str | None) -> None:
+    """Raises: UserError when no training folder was given."""
+    if not data_folder:
+        raise UserError("--data-folder is required (an ImageFolder: one subfolder per class)")
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``supcon-train``; the field names are also the YAML keys."""
@@ -120,8 +142,7 @@ class TrainConfig:
         Raises:
             UserError: naming the first offending option.
         """
-        if not self.data_folder:
-            raise UserError("--data-folder is required (an ImageFolder: one subfolder per class)")
+        require_data_folder(self.data_folder)
         if self.dataset != "path":
             raise UserError(
                 f"--dataset {self.dataset!r} is not supported: only 'path' (an image folder given by --data-folder)"
@@ -130,15 +151,11 @@ class TrainConfig:
             raise UserError(f"--method must be 'supcon' or 'simclr', got {self.method!r}")
         if self.batch_size < 2:
             raise UserError(f"--batch-size must be at least 2 (contrastive loss needs pairs), got {self.batch_size}")
-        for name in ("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k", "collapse_patience",
-                     "warm_epochs"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.knn_every < 0:
             raise UserError(f"--knn-every must be >= 0 (0 turns the kNN monitor off), got {self.knn_every}")
-        for name in ("temp", "base_temp", "knn_temperature"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k",
+                                         "collapse_patience", "warm_epochs"),
+                     positive=("temp", "base_temp", "knn_temperature"))
         if not (math.isfinite(self.warmup_from) and self.warmup_from >= 0):
             raise UserError(f"--warmup-from must be >= 0, got {self.warmup_from}")
         if self.learning_rate is not None and not self.learning_rate > 0:

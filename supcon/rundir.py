@@ -212,6 +212,16 @@ def split_config(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in data.items() if k != RUN_INFO_KEY}, run_info
 
 
+def run_kind(run_dir: str | os.PathLike) -> str | None:
+    """The run's kind (:data:`SUPCON_KIND` for runs that predate the ``kind`` key), or None when its
+    ``config.yaml`` cannot be read."""
+    try:
+        _, run_info = split_config(read_config(run_dir))
+    except UserError:
+        return None
+    return str(run_info.get("kind", SUPCON_KIND)) if isinstance(run_info, dict) else None
+
+
 def find_runs(root: str | os.PathLike = DEFAULT_RUNS_ROOT) -> list[Path]:
     """Run directories (holding a config.yaml) directly under ``root``, oldest first by modification time."""
     root = Path(root)

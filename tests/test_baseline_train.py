@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 import supcon.baseline.train as baseline_train
 from supcon.baseline.config import BaselineConfig
 from supcon.baseline.data import stratified_split, train_transform
-from supcon.baseline.models import build_model, make_model_config
+from supcon.baseline.models import build_classifier, make_model_config
 from supcon.baseline.train import EarlyStopping, load_baseline_checkpoint, make_scheduler, train
 from supcon.errors import UserError
 
@@ -123,7 +123,7 @@ def test_freeze_keeps_frozen_weights_but_moves_their_batchnorm_statistics(image_
                          optimizer="adamw", learning_rate=0.01, weight_decay=0.5)
     train(config, progress=False)
     set_seed(0)
-    initial = build_model(make_model_config("plain_cnn", 3)).backbone.state_dict()
+    initial = build_classifier(make_model_config("plain_cnn", 3)).backbone.state_dict()
     trained = load_baseline_checkpoint(tmp_path / "run" / "last.pth")["encoder"]
     for key, value in initial.items():
         if key.startswith(("blocks.0.", "blocks.1.")):

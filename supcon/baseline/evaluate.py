@@ -14,7 +14,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from supcon.baseline.losses import logits_to_probabilities
-from supcon.baseline.models import build_model
+from supcon.baseline.models import build_classifier
 from supcon.baseline.train import predict
 from supcon.data import EvalDataset, check_images, eval_transform, make_loader, report_bad_images, scan_image_folder
 from supcon.engine import make_accelerator
@@ -29,14 +29,6 @@ from supcon.rundir import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def is_baseline_run(run_dir: str | os.PathLike) -> bool:
-    """True when ``run_dir`` holds a config.yaml written by baseline-train."""
-    try:
-        return read_config(run_dir).get(RUN_INFO_KEY, {}).get("kind") == BASELINE_KIND
-    except UserError:
-        return False
 
 
 def resolve_test_folder(run_info: dict[str, Any], test_folder: str | os.PathLike | None = None) -> Path:
@@ -94,7 +86,7 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
     paths = [p for p, _ in index.samples]
     report_bad_images(check_images(paths, False, num_workers, progress=False).bad, skip=False)
 
-    model = build_model(state["model_config"])
+    model = build_classifier(state["model_config"])
     model.backbone.load_state_dict(state["encoder"])
     model.head.load_state_dict(state["head"])
     accelerator = accelerator or make_accelerator("fp32")

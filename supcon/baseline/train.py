@@ -35,7 +35,7 @@ from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig
 from supcon.baseline.data import AugmentedDataset, stratified_split, train_transform
 from supcon.baseline.losses import ClassifierLoss, logits_to_probabilities
 from supcon.baseline.metrics import classification_metrics
-from supcon.baseline.models import build_model, check_input_size, describe_model, freeze_blocks, make_model_config
+from supcon.baseline.models import build_classifier, check_input_size, describe_model, freeze_blocks, make_model_config
 from supcon.checkpoint import rng_state, set_rng_state
 from supcon.config import to_yaml_dict
 from supcon.data import (
@@ -336,7 +336,7 @@ class BaselineTrainer:
         self.steps_per_epoch = len(data.train_samples) // self.global_batch
         self.options = {**to_yaml_dict(config), "run_dir": str(engine.run_dir)}
         set_seed(config.seed)
-        model = build_model(model_config, pretrained=config.pretrained and fresh,
+        model = build_classifier(model_config, pretrained=config.pretrained and fresh,
                             pretrained_file=config.pretrained_file if fresh else None)
         check_input_size(model, config.size)
         self.frozen = freeze_blocks(model, config.freeze)
