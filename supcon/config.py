@@ -1,7 +1,8 @@
 """Typed configuration for ``supcon-train``, YAML loading and the helpers shared by every command.
 
 One dataclass holds every option with its default. ``--config file.yaml`` supplies values, the
-command line wins, and the resolved config is written into the run directory as ``config.yaml``.
+command line wins. :func:`resolve_train_config` turns the user's config into a new, resolved one
+(every automatic option decided) before a run starts; that is what ``config.yaml`` records.
 """
 
 from __future__ import annotations

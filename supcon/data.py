@@ -1,4 +1,4 @@
-"""Image folders: scanning and checking, mean/std, the two-view augmentation and the epoch sampler.
+"""Image folders: scanning and checking, mean/std, the two-view augmentation (its spec) and the epoch sampler.
 
 Randomness is a pure function of ``(seed, epoch, image index)``: the sampler's permutation is seeded
 by ``(seed, epoch)`` and each sample's augmentation by ``(seed, epoch, index)``. So an epoch gives

@@ -10,6 +10,7 @@ Epochs follow :mod:`supcon.rundir`'s convention: the N-th epoch (1-based) is "ep
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -295,8 +296,6 @@ class RunEngine:
     def save(self, files: dict[str, dict[str, Any]]) -> None:
         """Write checkpoints into the run directory (main process, atomically; one serialisation each)."""
         if self.is_main and files:
-            import io
-
             serialized: dict[int, bytes] = {}
             for name, state in files.items():
                 if id(state) not in serialized:

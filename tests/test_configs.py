@@ -40,13 +40,13 @@ def test_config_builds_model_and_data_pipeline(path, train_folder, one_image):
     torch.manual_seed(0)
     if section == "train":
         from supcon.data import two_view_augmentation
-        from supcon.models import build_classifier, model_config_from
+        from supcon.models import build_model, model_config_from
 
         config = resolve(TrainConfig, yaml_values_for(TrainConfig, values, str(path)),
                          {"data_folder": str(train_folder)})
         config.validate()
         assert config.epochs == 1000 and config.save_freq == 50 and config.temp == 0.07 and config.cosine
-        model = build_classifier(**model_config_from(config)).eval()
+        model = build_model(**model_config_from(config)).eval()
         views = two_view_augmentation(config.size, [0.5] * 3, [0.25] * 3)(one_image)
         assert views.shape == (3, config.size, config.size)
         with torch.no_grad():
