@@ -6,7 +6,6 @@ import click
 
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
 from supcon.config import TrainConfig
-from supcon.distributed import is_main_process
 
 D = TrainConfig()
 
@@ -98,6 +97,7 @@ D = TrainConfig()
 @click.pass_context
 def train_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     """Pretrain an encoder with the supervised contrastive (SupCon) loss on an image folder."""
+    from supcon.distributed import is_main_process
     from supcon.train import train
 
     setup_logging()

@@ -9,11 +9,10 @@ from typing import Any
 import click
 
 from supcon.config import load_yaml, resolve, yaml_values_for
-from supcon.distributed import rank as process_rank
 from supcon.errors import UserError
 
 #: Keys of a run's config.yaml that are facts, not options (so a run's config can seed a new one).
-IGNORED_CONFIG_KEYS = ("run_info",)
+IGNORED_CONFIG_KEYS = ("run_info",)  # supcon.rundir.RUN_INFO_KEY (not imported here: it loads torch)
 
 
 class OneLineErrorCommand(click.Command):
@@ -47,6 +46,8 @@ def setup_logging(verbose: bool = False) -> None:
 
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    from supcon.distributed import rank as process_rank  # imports torch: not at --help time
+
     rank = process_rank()
     if rank:  # under torchrun / accelerate launch the other processes only report problems, with their rank
         handler.setLevel(logging.WARNING)

@@ -7,7 +7,6 @@ import click
 from supcon.baseline.config import AUGMENTATIONS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
 from supcon.baseline.models import HEADS
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
-from supcon.distributed import is_main_process
 
 D = BaselineConfig()
 
@@ -88,6 +87,7 @@ D = BaselineConfig()
 def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     """Train a supervised baseline classifier on an image folder, or a grid of them."""
     from supcon.baseline.config import is_grid
+    from supcon.distributed import is_main_process
 
     setup_logging()
     baseline_config = resolve_command_config(ctx, BaselineConfig, config, section="baseline",
