@@ -38,7 +38,7 @@ from supcon.data import scan_image_folder
 from supcon.distributed import is_main_process
 from supcon.engine import EXIT_SIGINT, EXIT_SIGTERM, RunEngine, default_precision, launched_world_size
 from supcon.errors import UserError
-from supcon.rundir import BEST, LAST, default_run_dir, has_run_content, load_baseline_checkpoint
+from supcon.rundir import BEST, LAST, default_run_dir, find_split_folder, has_run_content, load_baseline_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ def run_grid(config: BaselineConfig, progress: bool = True) -> GridResult:
     first = cells[0]
     model_family(first.model)
     index = scan_image_folder(first.data_folder, "data folder")
-    sibling_test = Path(index.root).resolve().parent / "test"
-    if not config.test_folder and not sibling_test.is_dir():
+    if find_split_folder("test", config.test_folder, index.root) is None:
+        sibling_test = Path(index.root).resolve().parent / "test"
         raise UserError(f"the grid reports test metrics: give --test-folder, or put a 'test' folder beside the "
                         f"data folder ({sibling_test} does not exist)")
     if config.resume and not config.run_dir:
