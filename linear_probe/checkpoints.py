@@ -1,6 +1,6 @@
 """Which checkpoints of a run to probe, their content hashes, and the frozen encoder they rebuild.
 
-Every file is read with ``torch.load(weights_only=True)`` (``supcon.checkpoint.load_checkpoint``):
+Every file is read with ``torch.load(weights_only=True)`` (``supcon.rundir.load_supcon_checkpoint``):
 a file that would need arbitrary unpickling is refused and nothing in it runs.
 """
 
@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from supcon.checkpoint import LAST, load_checkpoint
 from supcon.errors import UserError
 from supcon.models import build_encoder
-from supcon.rundir import epoch_checkpoints
+from supcon.rundir import LAST, epoch_checkpoints, load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ def find_checkpoints(run_dir: str | os.PathLike, from_epoch: int = 0,
             p.stat().st_size == last_size and file_sha256(p) == file_sha256(last_path) for p in numbered.values()
         )
         if not duplicate:
-            epoch, steps = _state_position(load_checkpoint(last_path))
+            epoch, steps = _state_position(load_supcon_checkpoint(last_path))
             refs.append(CheckpointRef(LAST, last_path, epoch, steps))
             last_note = f" (last.pth: {format_backbone_epoch(epoch, steps)})"
     if not refs:

@@ -13,6 +13,36 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 NOT_CONFIG = ("config", "quiet", "verbose")
 
 
+def _shared_options(defaults, section: str):
+    """The options both commands end with: loader processes, device, split-named classes, --config, --quiet,
+    --verbose."""
+    options = [
+        click.option("--num-workers", type=int, default=defaults.num_workers, show_default=True,
+                     help="Data-loading processes."),
+        click.option("--device", type=str, default=defaults.device, show_default=True,
+                     help="auto (GPU if any), cpu or cuda[:N]."),
+        click.option("--allow-split-class-names", is_flag=True,
+                     help="Accept class folders named like dataset splits (train/val/test) [default: as the run "
+                          "was trained]."),
+        click.option("--config", type=click.Path(dir_okay=False),
+                     help=f"YAML options (section '{section}:'); the command line wins."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--verbose", is_flag=True, help="Debug logging."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _command_config(ctx: click.Context, cls: type, section: str, config_path: str | None, verbose: bool):
+    setup_logging(verbose)
+    return resolve_command_config(ctx, cls, config_path, section=section, skip=NOT_CONFIG)
+
+
 @click.command(cls=OneLineErrorCommand, context_settings=CONTEXT)
 @click.option("--run", type=str, help="Run directory [default: the most recent SupCon run under --runs-root].")
 @click.option("--runs-root", type=str, default=P.runs_root, show_default=True, help="Where runs live.")
@@ -21,7 +51,7 @@ NOT_CONFIG = ("config", "quiet", "verbose")
 @click.option("--to", "to_epoch", type=int, help="Last backbone epoch to probe [default: all].")
 @click.option("--train-folder", type=str, help="[default: the run's recorded training folder]")
 @click.option("--val-folder", type=str,
-              help="[default: sibling 'val' of the train folder, else the run's recorded val folder]")
+              help="[default: the run's recorded val folder, else a sibling 'val' of the train folder]")
 @click.option("--batch-size", type=int, default=P.batch_size, show_default=True, help="Head mini-batch size.")
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=P.learning_rate, show_default=True)
 @click.option("--momentum", type=float, default=P.momentum, show_default=True)
@@ -37,23 +67,14 @@ NOT_CONFIG = ("config", "quiet", "verbose")
               help="--from auto: share of the loss range still allowed to fall after the plateau starts.")
 @click.option("--encode-batch-size", type=int, default=P.encode_batch_size, show_default=True,
               help="Images per encoder forward pass.")
-@click.option("--num-workers", type=int, default=P.num_workers, show_default=True, help="Data-loading processes.")
-@click.option("--device", type=str, default=P.device, show_default=True, help="auto (GPU if any), cpu or cuda[:N].")
 @click.option("--cache-dir", type=str, help="Feature cache [default: RUN/probe/cache].")
-@click.option("--allow-split-class-names", is_flag=True,
-              help="Accept class folders named like dataset splits (train/val/test) [default: as the run was trained].")
-@click.option("--config", type=click.Path(dir_okay=False),
-              help="YAML options (section 'probe:'); the command line wins.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--verbose", is_flag=True, help="Debug logging.")
+@_shared_options(P, "probe")
 @click.pass_context
 def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbose: bool, **_):
     """Train a linear probe on every checkpoint of a run; keep each one's best val accuracy and head."""
     from linear_probe.probe_all import probe_all
 
-    setup_logging(verbose)
-    probe_config = resolve_command_config(ctx, ProbeConfig, config, section="probe", skip=NOT_CONFIG)
-    result = probe_all(probe_config, progress=show_progress(quiet))
+    result = probe_all(_command_config(ctx, ProbeConfig, "probe", config, verbose), progress=show_progress(quiet))
     if result.auto is not None:
         click.echo(f"--from auto: backbone epoch {result.auto.epoch}, because {result.auto.reason}")
     click.echo(result.table_markdown)
@@ -69,27 +90,20 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
               help="Run directory (repeatable) [default: every run under --runs-root with probe results, "
                    "or of kind baseline].")
 @click.option("--runs-root", type=str, default=C.runs_root, show_default=True, help="Where runs live.")
-@click.option("--test-folder", type=str, help="[default: sibling 'test' of each run's train folder]")
+@click.option("--test-folder", type=str,
+              help="[default: the run's recorded test folder, else a sibling 'test' of its train folder]")
 @click.option("--average", type=click.Choice(AVERAGES), default=C.average, show_default=True,
               help="Averaging of precision/recall/F1 over classes (per-class values go to the JSON).")
 @click.option("--output", type=str, help="Folder of comparison.csv/.md [default: --runs-root].")
 @click.option("--encode-batch-size", type=int, default=C.encode_batch_size, show_default=True)
-@click.option("--num-workers", type=int, default=C.num_workers, show_default=True, help="Data-loading processes.")
-@click.option("--device", type=str, default=C.device, show_default=True, help="auto (GPU if any), cpu or cuda[:N].")
-@click.option("--allow-split-class-names", is_flag=True,
-              help="Accept class folders named like dataset splits (train/val/test) [default: as the run was trained].")
-@click.option("--config", type=click.Path(dir_okay=False),
-              help="YAML options (section 'check:'); the command line wins.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--verbose", is_flag=True, help="Debug logging.")
+@_shared_options(C, "check")
 @click.pass_context
 def check_accuracies_command(ctx: click.Context, config: str | None, quiet: bool, verbose: bool, **_):
     """Evaluate each run's best-by-validation model once on the test folder; print the comparison table."""
     from linear_probe.check import check_accuracies
 
-    setup_logging(verbose)
-    check_config = resolve_command_config(ctx, CheckConfig, config, section="check", skip=NOT_CONFIG)
-    result = check_accuracies(check_config, progress=show_progress(quiet))
+    result = check_accuracies(_command_config(ctx, CheckConfig, "check", config, verbose),
+                              progress=show_progress(quiet))
     click.echo(result.table_markdown)
     click.echo(f"table: {result.files['csv']}, {result.files['markdown']}; per run: test_metrics.json, "
                "confusion_matrix.png (roc_curve.png for two classes)")

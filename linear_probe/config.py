@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from supcon.config import check_bounds
 from supcon.errors import UserError
 
 #: ``--from auto``: choose the first backbone epoch from the run's loss curve (see ``plateau``).
@@ -71,9 +72,7 @@ class ProbeConfig:
                 raise UserError(f"--to must be >= 0, got {self.to_epoch}")
             if isinstance(self.from_epoch, int) and self.to_epoch < self.from_epoch:
                 raise UserError(f"--to {self.to_epoch} is below --from {self.from_epoch}")
-        for name in ("batch_size", "epochs", "encode_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("batch_size", "epochs", "encode_batch_size"))
         if not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not 0 <= self.momentum < 1:

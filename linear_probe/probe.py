@@ -53,10 +53,6 @@ class HeadSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
-        """E.g. ``cached, bs 256, lr 0.25, 100 ep`` (weight decay shown when not 0)."""
-        return describe_settings(self.to_dict())
-
 
 def describe_settings(settings: dict[str, Any]) -> str:
     """A short label of head settings for tables and plot legends."""

@@ -53,9 +53,10 @@ from linear_probe.plateau import AutoFrom, choose_from_run, read_curves
 from linear_probe.probe import HeadSettings, settings_key, train_linear_head
 from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
 from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
-from supcon.checkpoint import CorruptCheckpoint, atomic_write_text, load_checkpoint
+from supcon.checkpoint import CorruptCheckpoint, atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
+from supcon.rundir import load_supcon_checkpoint
 from supcon.runlock import RunLock
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
             continue
         # Check every checkpoint before probing any, so a bad one leaves the run untouched.
         try:
-            state = load_checkpoint(ref.path)
+            state = load_supcon_checkpoint(ref.path)
         except CorruptCheckpoint as exc:  # listed and left as it is; the others are still worth probing
             logger.warning("skipping %s: %s", ref.name, exc)
             corrupt.append(ref.name)
@@ -201,7 +202,7 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
                      progress: bool = False) -> tuple[HeadRecord, dict[str, torch.Tensor]]:
     """Train and validate one head on one checkpoint's frozen encoder; returns its record and weights."""
     start = time.perf_counter()
-    state = load_checkpoint(ref.path)
+    state = load_supcon_checkpoint(ref.path)
     if not stamp.matches(ref.path):  # e.g. a last.pth that a running training replaced meanwhile
         raise UserError(f"{ref.path} changed while probe-all was running; run it again")
     device, config, settings = data.device, data.config, data.settings

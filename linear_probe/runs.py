@@ -13,12 +13,22 @@ from typing import Any
 
 from supcon.data import ImageFolderIndex, scan_image_folder
 from supcon.errors import UserError
-from supcon.rundir import RUN_INFO_KEY, find_runs, read_config
+from supcon.rundir import (
+    BASELINE_KIND,
+    CACHE_DIR,
+    CONFIG_FILE,
+    PROBE_DIR,
+    RUN_INFO_KEY,
+    SUPCON_KIND,
+    find_runs,
+    find_split_folder,
+    read_config,
+    run_kind,
+    split_config,
+)
 
-SUPCON_KIND = "supcon"
-BASELINE_KIND = "baseline"
-PROBE_DIR = "probe"
-CACHE_DIR = "cache"
+__all__ = ["BASELINE_KIND", "PROBE_DIR", "SUPCON_KIND", "RunInfo", "latest_supcon_run", "resolve_folder",
+           "run_kind", "scan_checked"]
 
 
 @dataclass
@@ -36,11 +46,9 @@ class RunInfo:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise UserError(f"run directory not found: {run_dir}")
-        data = read_config(run_dir)
-        run_info = data.get(RUN_INFO_KEY) or {}
+        config, run_info = split_config(read_config(run_dir))
         if not isinstance(run_info, dict):
-            raise UserError(f"{run_dir / 'config.yaml'} has a malformed '{RUN_INFO_KEY}' entry")
-        config = {k: v for k, v in data.items() if k != RUN_INFO_KEY}
+            raise UserError(f"{run_dir / CONFIG_FILE} has a malformed '{RUN_INFO_KEY}' entry")
         return cls(run_dir, str(run_info.get("kind", SUPCON_KIND)), config, run_info)
 
     @property
@@ -91,14 +99,6 @@ class RunInfo:
             )
 
 
-def run_kind(run_dir: Path) -> str | None:
-    """The run's kind, or None when its config.yaml cannot be read."""
-    try:
-        return RunInfo.load(run_dir).kind
-    except UserError:
-        return None
-
-
 def latest_supcon_run(root: str | os.PathLike) -> Path:
     """The most recent SupCon run under ``root`` (by config.yaml modification time).
 
@@ -115,19 +115,15 @@ def latest_supcon_run(root: str | os.PathLike) -> Path:
 
 def resolve_folder(explicit: str | None, train_folder: str | None, sibling: str, option: str,
                    recorded: str | None = None) -> str:
-    """The val/test folder: ``explicit``, else a sibling ``sibling`` of the train folder, else ``recorded``.
+    """The val/test folder in :func:`supcon.rundir.find_split_folder`'s order: ``explicit``, else
+    ``recorded`` (if it still exists), else a sibling ``sibling`` of the train folder.
 
     Raises:
         UserError: none of them exists (names the option to pass).
     """
-    if explicit:
-        return str(Path(explicit).expanduser().resolve())
-    if train_folder:
-        candidate = Path(train_folder).parent / sibling
-        if candidate.is_dir():
-            return str(candidate.resolve())
-    if recorded and Path(recorded).is_dir():
-        return recorded
+    found = find_split_folder(sibling, explicit, train_folder, recorded)
+    if found is not None:
+        return found
     where = (f"{Path(train_folder).parent / sibling} does not exist" if train_folder
              else "the run records no train folder")
     raise UserError(f"no {sibling} folder: {where}; pass {option} DIR")

@@ -20,7 +20,32 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python scripts/bench_*.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from supcon.data import EpochBatchSampler  # noqa: E402
+from supcon.data import EpochBatchSampler, MultiViewDataset, scan_image_folder  # noqa: E402
+from supcon.gpu_augment import AugmentSpec, CropDataset  # noqa: E402
+
+#: The normalisation of the benchmarks' generated images (ImageNet's; any fixed values do).
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def two_view_dataset(samples, size: int, fast: bool, n_views: int = 2):
+    """The training dataset of one data path: the fast path's uint8 crops, or the plain path's float views."""
+    spec = AugmentSpec.supcon(size, MEAN, STD)
+    if fast:
+        return CropDataset(samples, spec, n_views, seed=0)
+    return MultiViewDataset(samples, spec.torchvision_pipeline(), n_views, seed=0)
+
+
+def folder_samples(data_folder: str | None, gen_images: int, log) -> tuple[list, object]:
+    """``(samples, temporary folder or None)``: ``data_folder``'s images, else ``gen_images`` generated JPEGs
+    (keep the returned folder object alive while the samples are read)."""
+    generated = None
+    if data_folder is None:
+        import tempfile
+
+        generated = tempfile.TemporaryDirectory(prefix="bench_jpegs_")
+        log.info("generating %d 250x250 JPEGs in %s", gen_images, generated.name)
+        data_folder = str(make_jpeg_folder(generated.name, gen_images))
+    return scan_image_folder(data_folder).samples, generated
 
 
 def make_jpeg_folder(root: str | os.PathLike, images: int, size: tuple[int, int] = (250, 250), classes: int = 4,
@@ -127,6 +152,18 @@ def write_json(data: dict, out: str | os.PathLike | None, kind: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return out
+
+
+def publish(report: dict, out: str | os.PathLike | None, kind: str, title: str, columns: list[str],
+            rows: list[list], generated=None) -> Path:
+    """Write the JSON (:func:`write_json`), print ``title`` and the markdown table, remove the generated folder."""
+    path = write_json(report, out, kind)
+    print(f"\n{title}\n")
+    print(markdown_table(columns, rows))
+    print(f"\nwritten: {path}")
+    if generated is not None:
+        generated.cleanup()
+    return path
 
 
 def markdown_table(columns: list[str], rows: list[list]) -> str:

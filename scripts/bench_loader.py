@@ -28,26 +28,17 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bench  # noqa: E402
 import torch  # noqa: E402
-from bench_common import EndlessBatches, header, make_jpeg_folder, markdown_table, write_json  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from supcon.data import (  # noqa: E402
-    MultiViewDataset,
-    load_rgb,
-    make_loader,
-    scan_image_folder,
-    two_view_augmentation,
-)
-from supcon.gpu_augment import AugmentSpec, CropDataset  # noqa: E402
+from supcon.data import load_rgb, make_loader  # noqa: E402
 
 logger = logging.getLogger("bench_loader")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PIPELINES = ("plain", "fast-cpu", "decode")
 #: Which bench_train data path consumes what each pipeline produces.
 CONSUMER = {"plain": "cpu", "fast-cpu": "device"}
@@ -70,16 +61,14 @@ class DecodeOnly(Dataset):
 
 
 def make_dataset(pipeline: str, samples, size: int):
-    if pipeline == "plain":
-        return MultiViewDataset(samples, two_view_augmentation(size, MEAN, STD), 2, seed=0)
-    if pipeline == "fast-cpu":
-        return CropDataset(samples, AugmentSpec.supcon(size, MEAN, STD), 2, seed=0)
+    if pipeline in ("plain", "fast-cpu"):
+        return bench.two_view_dataset(samples, size, fast=pipeline == "fast-cpu")
     return DecodeOnly(samples)
 
 
 def measure(pipeline: str, workers: int, samples, args, pin: bool) -> dict:
     skip = max(workers, 1)  # each worker's first batch arrives at about the same time: not steady state
-    sampler = EndlessBatches(len(samples), args.batch_size, skip + args.batches)
+    sampler = bench.EndlessBatches(len(samples), args.batch_size, skip + args.batches)
     loader = make_loader(make_dataset(pipeline, samples, args.size), workers, pin, batch_sampler=sampler)
     batches = iter(loader)
     start_up = time.perf_counter()
@@ -140,13 +129,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)  # as in DataLoader workers; keeps the main-process (0 workers) figure per core
     pin = torch.cuda.is_available()
-    generated = None
-    folder = args.data_folder
-    if folder is None:
-        generated = tempfile.TemporaryDirectory(prefix="bench_jpegs_")
-        logger.info("generating %d 250x250 JPEGs in %s", args.gen_images, generated.name)
-        folder = str(make_jpeg_folder(generated.name, args.gen_images))
-    samples = scan_image_folder(folder).samples
+    samples, generated = bench.folder_samples(args.data_folder, args.gen_images, logger)
     rates = training_rates(args)
     results = []
     for pipeline, workers in itertools.product(args.pipelines, args.workers):
@@ -160,7 +143,7 @@ def main(argv=None) -> dict:
                     f", x{row['loader_over_training']} of training" if "loader_over_training" in row else "")
         results.append(row)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = header("loader", device)
+    report = bench.header("loader", device)
     sizes = {tuple(load_rgb(p).size) for p, _ in samples[:20]}
     report["settings"] = {
         "data_folder": args.data_folder or f"generated: {args.gen_images} JPEGs 250x250", "images": len(samples),
@@ -170,16 +153,12 @@ def main(argv=None) -> dict:
         "unit": "source images per second (two views each)",
     }
     report["results"] = results
-    path = write_json(report, args.out, "loader")
     columns = ["pipeline", "workers", "img/s", "img/s per worker"] + (["x training"] if rates else [])
     rows = [[r["pipeline"], r["num_workers"], r["images_per_s"], r["images_per_s_per_worker"]]
             + ([r.get("loader_over_training")] if rates else []) for r in results]
-    print(f"\n{report['device']['cpu']}, {report['device']['cpu_count']} CPUs, {args.size} px views, "
-          f"batch {args.batch_size}\n")
-    print(markdown_table(columns, rows))
-    print(f"\nwritten: {path}")
-    if generated is not None:
-        generated.cleanup()
+    title = (f"{report['device']['cpu']}, {report['device']['cpu_count']} CPUs, {args.size} px views, "
+             f"batch {args.batch_size}")
+    bench.publish(report, args.out, "loader", title, columns, rows, generated)
     return report
 
 

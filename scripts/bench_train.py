@@ -36,29 +36,23 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bench  # noqa: E402
 import torch  # noqa: E402
-from bench_common import EndlessBatches, header, make_jpeg_folder, markdown_table, write_json  # noqa: E402
 
-from supcon.data import (  # noqa: E402
-    MultiViewDataset,
-    make_loader,
-    scan_image_folder,
-    two_view_augmentation,
-)
-from supcon.gpu_augment import AugmentSpec, CropDataset, DeviceAugment  # noqa: E402
+from supcon.data import make_loader  # noqa: E402
+from supcon.engine import default_precision, make_accelerator  # noqa: E402
+from supcon.gpu_augment import AugmentSpec, DeviceAugment  # noqa: E402
 from supcon.losses import SupConLoss  # noqa: E402
 from supcon.models import build_model  # noqa: E402
 from supcon.schedule import LRSchedule  # noqa: E402
-from supcon.train import default_precision, make_accelerator, train_one_epoch  # noqa: E402
+from supcon.train import train_one_epoch  # noqa: E402
 
 logger = logging.getLogger("bench_train")
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 N_VIEWS = 2
 
 
@@ -150,7 +144,7 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = LRSchedule(0.05, epochs=1000, steps_per_epoch=10**6)
     loss_fn = SupConLoss()
-    spec = AugmentSpec.supcon(args.size, MEAN, STD)
+    spec = AugmentSpec.supcon(args.size, bench.MEAN, bench.STD)
     augment = (DeviceAugment(spec, device, seed=0, channels_last=setting.channels_last)
                if setting.data_path == "device" else None)
 
@@ -186,12 +180,9 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
                      "peak_memory_gb": memory(), "peak_memory_with_warmup_gb": peak_with_warmup})
     del images, labels
     if "folder" in args.data:
-        if setting.data_path == "device":
-            dataset = CropDataset(samples, spec, N_VIEWS, seed=0)
-        else:
-            dataset = MultiViewDataset(samples, two_view_augmentation(args.size, MEAN, STD), N_VIEWS, seed=0)
+        dataset = bench.two_view_dataset(samples, args.size, fast=setting.data_path == "device", n_views=N_VIEWS)
         skip = max(args.num_workers, 1) + 2  # the workers' simultaneous first batches
-        sampler = EndlessBatches(len(samples), batch, skip + args.repeats * args.steps)
+        sampler = bench.EndlessBatches(len(samples), batch, skip + args.repeats * args.steps)
         loader = make_loader(dataset, args.num_workers, on_gpu, batch_sampler=sampler)
         batches = iter(loader)
         run(itertools.islice(batches, skip))
@@ -295,13 +286,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    samples, folder, generated = [], args.data_folder, None
+    samples, generated = [], None
     if "folder" in args.data:
-        if folder is None:
-            generated = tempfile.TemporaryDirectory(prefix="bench_jpegs_")
-            logger.info("generating %d 250x250 JPEGs in %s", args.gen_images, generated.name)
-            folder = str(make_jpeg_folder(generated.name, args.gen_images))
-        samples = scan_image_folder(folder).samples
+        samples, generated = bench.folder_samples(args.data_folder, args.gen_images, logger)
         needed = args.steps * max(args.batch_size)
         if len(samples) < needed:
             logger.info("%d images for %d timed source images: images repeat (from the page cache)", len(samples),
@@ -328,7 +315,7 @@ def main(argv=None) -> dict:
                                 row.get("peak_memory_gb"))
                     measured.setdefault((model_name, batch, setting.name, row["data"]), []).append(row)
     results = merge_rounds(measured, settings)
-    report = header("train", device)
+    report = bench.header("train", device)
     report["settings"] = {
         "models": args.model, "batch_sizes": args.batch_size, "size": args.size, "small_input": args.small_input,
         "views_per_image": N_VIEWS, "warmup_steps": args.warmup, "timed_steps": args.steps, "repeats": args.repeats,
@@ -339,17 +326,13 @@ def main(argv=None) -> dict:
         "plain": asdict(PLAIN), "unit": "source images per second (each image gives 2 views of --size px)",
     }
     report["results"] = results
-    path = write_json(report, args.out, "train")
     columns = ["model", "batch", "data", "setting", "img/s", "x plain", "peak GB"]
     rows = [[r["model"], r["batch_size"], r["data"] + (f" ({r['num_workers']} workers)" if "num_workers" in r else ""),
              r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"), r.get("peak_memory_gb")]
             for r in results]
-    print(f"\n{report['device']['name']} ({report['device']['type']}), torch {report['versions']['torch']}, "
-          f"{args.size} px, 2 views per image\n")
-    print(markdown_table(columns, rows))
-    print(f"\nwritten: {path}")
-    if generated is not None:
-        generated.cleanup()
+    title = (f"{report['device']['name']} ({report['device']['type']}), torch {report['versions']['torch']}, "
+             f"{args.size} px, 2 views per image")
+    bench.publish(report, args.out, "train", title, columns, rows, generated)
     return report
 
 

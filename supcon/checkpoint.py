@@ -7,7 +7,6 @@ numbers, strings, lists and dicts go in, so loading never unpickles arbitrary ob
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
@@ -19,14 +18,6 @@ import numpy as np
 import torch
 
 from supcon.errors import UserError
-
-CHECKPOINT_FORMAT = "supcon-checkpoint"
-CHECKPOINT_VERSION = 1
-LAST = "last.pth"
-
-
-def epoch_checkpoint_name(epoch: int) -> str:
-    return f"ckpt_epoch_{epoch}.pth"
 
 
 def _atomic_write(path: str | os.PathLike, write) -> None:
@@ -122,25 +113,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def is_weights_only_loadable(obj: Any) -> bool:
-    """True when ``obj`` round-trips through ``torch.save``/``torch.load(weights_only=True)``."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    try:
-        torch.load(buffer, weights_only=True)
-    except pickle.UnpicklingError:
-        return False
-    return True
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and sanity-check a supcon-train checkpoint.
+    """Load and sanity-check a supcon-train checkpoint (the schema is :mod:`supcon.rundir`'s).
 
     Raises:
         UserError: unsafe/corrupt file, or not a checkpoint written by supcon-train.
     """
-    state = safe_load(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a supcon-train checkpoint (no 'format: {CHECKPOINT_FORMAT}' entry)")
-    return state
+    from supcon.rundir import load_supcon_checkpoint  # rundir builds on this module
+
+    return load_supcon_checkpoint(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from supcon.cli_utils import OneLineErrorCommand, process_rank, resolve_command_config, setup_logging, show_progress
+from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
 from supcon.config import TrainConfig
 
 D = TrainConfig()
@@ -33,6 +33,8 @@ D = TrainConfig()
 @click.option("--method", type=click.Choice(["supcon", "simclr"], case_sensitive=False), default=D.method,
               show_default=True, help="supcon uses the labels; simclr ignores them.")
 @click.option("--temp", type=float, default=D.temp, show_default=True, help="Loss temperature.")
+@click.option("--base-temp", type=float, default=D.base_temp, show_default=True,
+              help="Base temperature: the loss is scaled by temp / base-temp (the reference keeps both at 0.07).")
 @click.option("--size", type=int, default=D.size, show_default=True, help="Crop size (pixels).")
 @click.option("--crop-min", type=float, default=D.crop_min, show_default=True,
               help="Smallest random crop, as a fraction of the image area.")
@@ -48,11 +50,16 @@ D = TrainConfig()
 @click.option("--weight-decay", "--weight_decay", "weight_decay", type=float, default=D.weight_decay, show_default=True)
 @click.option("--cosine/--no-cosine", default=D.cosine, show_default=True,
               help="Cosine decay to lr x lr_decay_rate^3; --no-cosine uses step decay at --lr-decay-epochs.")
-@click.option("--lr-decay-epochs", "--lr_decay_epochs", "lr_decay_epochs", type=str, default="700,800,900",
-              show_default=True, help="Step-decay epochs (with --no-cosine).")
+@click.option("--lr-decay-epochs", "--lr_decay_epochs", "lr_decay_epochs", type=str,
+              default=",".join(map(str, D.lr_decay_epochs)), show_default=True,
+              help="Step-decay epochs (with --no-cosine).")
 @click.option("--lr-decay-rate", "--lr_decay_rate", "lr_decay_rate", type=float, default=D.lr_decay_rate,
               show_default=True)
-@click.option("--warm/--no-warm", default=None, help="10-epoch linear warm-up [default: on above global batch 256].")
+@click.option("--warm/--no-warm", default=None,
+              help="Linear warm-up over --warm-epochs [default: on above global batch 256].")
+@click.option("--warm-epochs", type=int, default=D.warm_epochs, show_default=True, help="Warm-up length (epochs).")
+@click.option("--warmup-from", type=float, default=D.warmup_from, show_default=True,
+              help="Learning rate at the first warm-up step.")
 @click.option("--save-freq", "--save_freq", "save_freq", type=int, default=D.save_freq, show_default=True,
               help="Keep a checkpoint every N epochs (and at the last).")
 @click.option("--num-workers", "--num_workers", "num_workers", type=int, default=D.num_workers, show_default=True,
@@ -81,6 +88,8 @@ D = TrainConfig()
 @click.option("--knn-every", type=int, default=D.knn_every, show_default=True,
               help="Run the kNN monitor every N epochs (0: off).")
 @click.option("--knn-k", type=int, default=D.knn_k, show_default=True, help="Neighbours of the kNN monitor.")
+@click.option("--knn-temperature", type=float, default=D.knn_temperature, show_default=True,
+              help="Temperature of the kNN monitor's similarity weights.")
 @click.option("--collapse-patience", type=int, default=D.collapse_patience, show_default=True,
               help="Epochs at the collapsed loss before warning.")
 @click.option("--stop-on-collapse", is_flag=True, help="End the run (exit 3) when the collapse warning fires.")
@@ -91,12 +100,13 @@ D = TrainConfig()
 @click.pass_context
 def train_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     """Pretrain an encoder with the supervised contrastive (SupCon) loss on an image folder."""
+    from supcon.distributed import is_main_process
     from supcon.train import train
 
     setup_logging()
     train_config = resolve_command_config(ctx, TrainConfig, config, section="train", skip=("config", "quiet"))
     result = train(train_config, progress=show_progress(quiet))
-    if process_rank() == 0:
+    if is_main_process():
         click.echo(f"run directory: {result.run_dir}")
     return result.exit_code
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
@@ -13,7 +12,7 @@ from supcon.config import load_yaml, resolve, yaml_values_for
 from supcon.errors import UserError
 
 #: Keys of a run's config.yaml that are facts, not options (so a run's config can seed a new one).
-IGNORED_CONFIG_KEYS = ("run_info",)
+IGNORED_CONFIG_KEYS = ("run_info",)  # supcon.rundir.RUN_INFO_KEY (not imported here: it loads torch)
 
 
 class OneLineErrorCommand(click.Command):
@@ -32,11 +31,6 @@ class OneLineErrorCommand(click.Command):
             click.echo("Aborted.", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
-
-
-def process_rank() -> int:
-    """This process's global rank as set by the launchers (torchrun, accelerate launch); 0 when run alone."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def show_progress(quiet: bool, stream=None) -> bool:
@@ -63,6 +57,8 @@ def setup_logging(verbose: bool = False) -> None:
 
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    from supcon.distributed import rank as process_rank  # imports torch: not at --help time
+
     rank = process_rank()
     if rank:  # under torchrun / accelerate launch the other processes only report problems, with their rank
         handler.setLevel(logging.WARNING)

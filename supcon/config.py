@@ -1,7 +1,8 @@
 """Typed configuration for ``supcon-train``, YAML loading and the helpers shared by every command.
 
 One dataclass holds every option with its default. ``--config file.yaml`` supplies values, the
-command line wins, and the resolved config is written into the run directory as ``config.yaml``.
+command line wins. :func:`resolve_train_config` turns the user's config into a new, resolved one
+(every automatic option decided) before a run starts; that is what ``config.yaml`` records.
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ def parse_int_list(text: str | list | tuple | int | None, name: str) -> list[int
         raise UserError(f"--{name} must be comma-separated integers like '700,800,900', got {text!r}")
 
 
+def check_bounds(config, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = ()) -> None:
+    """Check numeric options of any command's config against their bounds.
+
+    Raises:
+        UserError: naming the first option out of bounds (``--name-with-dashes``) and its value.
+    """
+    for names, fails, bound in ((at_least_one, lambda v: v < 1, "be at least 1"),
+                                (non_negative, lambda v: v < 0, "be >= 0"),
+                                (positive, lambda v: not v > 0, "be positive")):
+        for name in names:
+            value = getattr(config, name)
+            if fails(value):
+                raise UserError(f"--{name.replace('_', '-')} must {bound}, got {value}")
+
+
+def require_data_folder(data_folder: str | None) -> None:
+    """Raises: UserError when no training folder was given."""
+    if not data_folder:
+        raise UserError("--data-folder is required (an ImageFolder: one subfolder per class)")
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``supcon-train``; the field names are also the YAML keys."""
@@ -121,8 +144,7 @@ class TrainConfig:
         Raises:
             UserError: naming the first offending option.
         """
-        if not self.data_folder:
-            raise UserError("--data-folder is required (an ImageFolder: one subfolder per class)")
+        require_data_folder(self.data_folder)
         if self.dataset != "path":
             raise UserError(
                 f"--dataset {self.dataset!r} is not supported: only 'path' (an image folder given by --data-folder)"
@@ -131,14 +153,13 @@ class TrainConfig:
             raise UserError(f"--method must be 'supcon' or 'simclr', got {self.method!r}")
         if self.batch_size < 2:
             raise UserError(f"--batch-size must be at least 2 (contrastive loss needs pairs), got {self.batch_size}")
-        for name in ("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k", "collapse_patience"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.knn_every < 0:
             raise UserError(f"--knn-every must be >= 0 (0 turns the kNN monitor off), got {self.knn_every}")
-        for name in ("temp", "base_temp", "knn_temperature"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k",
+                                         "collapse_patience", "warm_epochs"),
+                     positive=("temp", "base_temp", "knn_temperature"))
+        if not (math.isfinite(self.warmup_from) and self.warmup_from >= 0):
+            raise UserError(f"--warmup-from must be >= 0, got {self.warmup_from}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not 0 < self.lr_decay_rate <= 1:
@@ -254,3 +275,59 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RUNTIME_
     keys = (set(old) | set(new)) - set(ignore)
     # A value left to "auto" (None) in the new command takes the run's recorded, resolved value.
     return sorted(k for k in keys if new.get(k) is not None and old.get(k) != new.get(k))
+
+
+#: How the learning rate of a run was chosen (recorded in ``run_info.learning_rate_rule``).
+LR_RULE_LINEAR = "0.5 x global_batch / 1024"
+LR_RULE_GIVEN = "given"
+
+
+def resolve_train_config(config: TrainConfig, *, precision: str, on_gpu: bool, world_size: int,
+                         recorded: dict[str, Any] | None = None,
+                         recorded_info: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config a run trains with: every automatic option decided, as a new object (``config`` is kept).
+
+    Decides the device defaults (``precision``, ``channels_last``, ``gpu_augment``), absolute
+    folders (the val folder: :func:`supcon.rundir.find_split_folder`), the learning rate (the linear
+    scaling rule of the global batch, unless given) and ``warm`` (on above a global batch of 256).
+    A resumed run keeps what it recorded for the options left automatic (``recorded``: its
+    ``config.yaml`` options, ``recorded_info``: its ``run_info``), so nothing is re-inferred.
+    ``mean``/``std``, when neither given nor recorded, stay None: they come from the images.
+
+    Returns:
+        ``(resolved config, facts)``; facts: ``learning_rate_rule``, ``global_batch`` and
+        ``auto_warm`` (True when warm-up was switched on by the batch size now).
+    """
+    from supcon.rundir import find_split_folder
+    from supcon.schedule import AUTO_WARM_ABOVE_BATCH, linear_scaled_lr
+
+    recorded, recorded_info = recorded or {}, recorded_info or {}
+
+    def kept(name: str, default: Any) -> Any:
+        """The option as given, else as the run recorded it, else ``default``."""
+        value = getattr(config, name)
+        if value is None:
+            value = recorded.get(name)
+        return default if value is None else value
+
+    global_batch = config.batch_size * world_size
+    data_folder = str(Path(config.data_folder).expanduser().resolve())
+    if config.learning_rate is not None:
+        rule = LR_RULE_GIVEN
+    else:
+        rule = recorded_info.get("learning_rate_rule", LR_RULE_LINEAR) if recorded.get("learning_rate") else \
+            LR_RULE_LINEAR
+    warm = kept("warm", global_batch > AUTO_WARM_ABOVE_BATCH)
+    if recorded and not config.val_folder:  # the val folder the run started with (None: it had none)
+        val_folder = recorded.get("val_folder")
+    else:
+        val_folder = find_split_folder("val", config.val_folder, data_folder)
+    resolved = dataclasses.replace(
+        config, precision=precision, channels_last=on_gpu if config.channels_last is None else config.channels_last,
+        gpu_augment=kept("gpu_augment", on_gpu), data_folder=data_folder, val_folder=val_folder,
+        learning_rate=kept("learning_rate", linear_scaled_lr(global_batch)), warm=warm,
+        mean=kept("mean", None), std=kept("std", None), lr_decay_epochs=list(config.lr_decay_epochs),
+    )
+    facts = {"learning_rate_rule": rule, "global_batch": global_batch,
+             "auto_warm": config.warm is None and recorded.get("warm") is None and warm}
+    return resolved, facts

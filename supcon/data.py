@@ -1,4 +1,4 @@
-"""Image folders: scanning and checking, mean/std, the two-view augmentation and the epoch sampler.
+"""Image folders: scanning and checking, mean/std, the two-view augmentation (its spec) and the epoch sampler.
 
 Randomness is a pure function of ``(seed, epoch, image index)``: the sampler's permutation is seeded
 by ``(seed, epoch)`` and each sample's augmentation by ``(seed, epoch, index)``. So an epoch gives
@@ -224,22 +224,65 @@ def report_bad_images(bad: list[tuple[str, str]], skip: bool, list_path: str | o
     logger.warning("skipping %d unreadable image(s)%s", len(bad), where or f", e.g. {bad[0][0]}")
 
 
+@dataclass(frozen=True)
+class AugmentSpec:
+    """The settings of the two-view augmentation: the source of both the plain and the fast data path.
+
+    Ranges are ``(low, high)`` of the uniformly drawn factor (brightness 0.4 is ``(0.6, 1.4)``);
+    ``None`` turns that op off. The plain path is :meth:`torchvision_pipeline`; the fast path
+    (:mod:`supcon.gpu_augment`) crops in the workers and applies the rest on the device.
+    """
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_p: float
+    jitter_p: float
+    brightness: tuple[float, float] | None
+    contrast: tuple[float, float] | None
+    saturation: tuple[float, float] | None
+    hue: tuple[float, float] | None
+    grayscale_p: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def supcon(cls, size: int, mean: Sequence[float], std: Sequence[float], crop_min: float = 0.2,
+               flip: bool = True) -> AugmentSpec:
+        """The SupCon training augmentation (Khosla et al. 2020), applied independently per view.
+
+        Args:
+            crop_min: smallest crop area (fraction of the image) of RandomResizedCrop; 0.2 in the reference.
+            flip: random horizontal flips (turn off where mirror images mean something else, e.g. text).
+        """
+        jitter = (0.6, 1.4)  # ColorJitter(0.4, 0.4, 0.4, 0.1)
+        return cls(size=size, scale=(crop_min, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5 if flip else 0.0,
+                   jitter_p=0.8, brightness=jitter, contrast=jitter, saturation=jitter, hue=(-0.1, 0.1),
+                   grayscale_p=0.2, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+    def crop(self) -> transforms.RandomResizedCrop:
+        """The random crop, bilinear (shared by both paths, so crop boxes and resampling agree)."""
+        return transforms.RandomResizedCrop(size=self.size, scale=self.scale, ratio=self.ratio,
+                                            interpolation=transforms.InterpolationMode.BILINEAR)
+
+    def torchvision_pipeline(self) -> transforms.Compose:
+        """The plain path: every op per image in PIL/torchvision, in the loader workers."""
+        jitter = transforms.ColorJitter(brightness=self.brightness or 0, contrast=self.contrast or 0,
+                                        saturation=self.saturation or 0, hue=self.hue or 0)
+        return transforms.Compose([
+            self.crop(),
+            transforms.RandomHorizontalFlip(p=self.flip_p),
+            transforms.RandomApply([jitter], p=self.jitter_p),
+            transforms.RandomGrayscale(p=self.grayscale_p),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=list(self.mean), std=list(self.std)),
+        ])
+
+
 def two_view_augmentation(size: int, mean: Sequence[float], std: Sequence[float], crop_min: float = 0.2,
                           flip: bool = True) -> transforms.Compose:
-    """The SupCon training augmentation (Khosla et al. 2020), applied independently per view.
-
-    Args:
-        crop_min: smallest crop area (fraction of the image) of RandomResizedCrop; 0.2 in the reference.
-        flip: random horizontal flips (turn off where mirror images mean something else, e.g. text).
-    """
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size=size, scale=(crop_min, 1.0)),
-        transforms.RandomHorizontalFlip(p=0.5 if flip else 0.0),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=list(mean), std=list(std)),
-    ])
+    """The plain path's torchvision pipeline of :meth:`AugmentSpec.supcon`."""
+    return AugmentSpec.supcon(size, mean, std, crop_min=crop_min, flip=flip).torchvision_pipeline()
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:

@@ -1,6 +1,8 @@
-"""Collectives that do nothing with one process, and a differentiable all-gather for the loss."""
+"""Which process am I; collectives that do nothing with one process; a differentiable all-gather for the loss."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -16,7 +18,16 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """This process's global rank: the process group's when one is running, else the launcher's ``RANK``
+    (torchrun, accelerate launch; set before any group exists), else 0. The one answer for every module."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True on the process that prints and writes (rank 0, or the only process)."""
+    return rank() == 0
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -20,8 +20,9 @@ and its ``ColorJiggle`` uses other formulas (additive brightness, contrast witho
 neither gives torchvision's distribution; and torchvision's own functional ops take one scalar
 factor per call.
 
-The augmentation settings are read from the plain pipeline (:meth:`AugmentSpec.from_transform`), so
-the two paths cannot drift apart: a transform the fast path does not implement is an error.
+Both paths are built from one :class:`supcon.data.AugmentSpec`: the plain path's torchvision
+pipeline (:meth:`AugmentSpec.torchvision_pipeline`) and this one's crop and device ops, so the two
+cannot drift apart.
 
 Randomness stays a pure function of ``(seed, epoch, index)`` for the crops (as in the plain path)
 and of ``(seed, process index, global step)`` for the device ops, so a resumed run sees exactly what
@@ -38,7 +39,10 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from supcon.data import MultiViewDataset, two_view_augmentation
+from supcon.data import AugmentSpec, MultiViewDataset
+from supcon.distributed import rank as process_rank
+
+__all__ = ["AugmentSpec", "CropDataset", "DeviceAugment", "ViewParams", "build_gpu_pipeline", "shift_hue"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,67 +51,6 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 #: Colour-jitter op indices, in torchvision's numbering (``ColorJitter.get_params``'s ``fn_idx``).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 _NO_HUE = 4  # "hue position" of a view whose jitter is not applied
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """The settings of the two-view augmentation, in the plain pipeline's order.
-
-    Ranges are ``(low, high)`` of the uniformly drawn factor (already resolved, e.g. brightness 0.4
-    is ``(0.6, 1.4)``); ``None`` turns that op off.
-    """
-
-    size: int
-    scale: tuple[float, float]
-    ratio: tuple[float, float]
-    flip_p: float
-    jitter_p: float
-    brightness: tuple[float, float] | None
-    contrast: tuple[float, float] | None
-    saturation: tuple[float, float] | None
-    hue: tuple[float, float] | None
-    grayscale_p: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_transform(cls, compose: transforms.Compose) -> AugmentSpec:
-        """Read the settings of a plain two-view pipeline (:func:`supcon.data.two_view_augmentation`).
-
-        Raises:
-            ValueError: the pipeline holds a transform (or an order of transforms) that the fast path
-                does not implement; the fast path must then be extended before it can be used.
-        """
-        expected = [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip, transforms.RandomApply,
-                    transforms.RandomGrayscale, transforms.ToTensor, transforms.Normalize]
-        steps = list(compose.transforms)
-        if [type(t) for t in steps] != expected:
-            raise ValueError(f"the fast data path implements {[t.__name__ for t in expected]}, "
-                             f"but the plain pipeline is {[type(t).__name__ for t in steps]}")
-        crop, flip, jitter_apply, gray, _, normalize = steps
-        if len(jitter_apply.transforms) != 1 or not isinstance(jitter_apply.transforms[0], transforms.ColorJitter):
-            raise ValueError(f"the fast data path expects RandomApply([ColorJitter]), got {jitter_apply.transforms}")
-        jitter = jitter_apply.transforms[0]
-        if crop.interpolation != transforms.InterpolationMode.BILINEAR:
-            raise ValueError(f"the fast data path crops with bilinear resampling, not {crop.interpolation}")
-
-        def as_range(value):
-            return None if value is None else (float(value[0]), float(value[1]))
-
-        return cls(
-            size=int(crop.size[0]) if isinstance(crop.size, (tuple, list)) else int(crop.size),
-            scale=as_range(crop.scale), ratio=as_range(crop.ratio), flip_p=float(flip.p),
-            jitter_p=float(jitter_apply.p), brightness=as_range(jitter.brightness),
-            contrast=as_range(jitter.contrast), saturation=as_range(jitter.saturation), hue=as_range(jitter.hue),
-            grayscale_p=float(gray.p), mean=tuple(float(v) for v in normalize.mean),
-            std=tuple(float(v) for v in normalize.std),
-        )
-
-    @classmethod
-    def supcon(cls, size: int, mean: Sequence[float], std: Sequence[float], crop_min: float = 0.2,
-               flip: bool = True) -> AugmentSpec:
-        """The spec of :func:`supcon.data.two_view_augmentation` for these settings."""
-        return cls.from_transform(two_view_augmentation(size, mean, std, crop_min=crop_min, flip=flip))
 
 
 def _uint8_hwc(image) -> torch.Tensor:
@@ -124,9 +67,7 @@ class CropDataset(MultiViewDataset):
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], spec: AugmentSpec, n_views: int = 2, seed: int = 0):
-        crop = transforms.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio,
-                                            interpolation=transforms.InterpolationMode.BILINEAR)
-        super().__init__(samples, transforms.Compose([crop, _uint8_hwc]), n_views, seed)
+        super().__init__(samples, transforms.Compose([spec.crop(), _uint8_hwc]), n_views, seed)
 
 
 @dataclass
@@ -309,12 +250,6 @@ class DeviceAugment:
         return torch.addcmul(degenerate, s, x).clamp_(0.0, 1.0)
 
 
-def _process_index() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 def build_gpu_pipeline(samples: Sequence[tuple[str, int]], config, device: torch.device | str, n_views: int = 2,
                        rank: int | None = None) -> tuple[CropDataset, DeviceAugment]:
     """The fast data path for a training run: the dataset for the loader and the device augmentation.
@@ -329,6 +264,6 @@ def build_gpu_pipeline(samples: Sequence[tuple[str, int]], config, device: torch
     """
     spec = AugmentSpec.supcon(config.size, config.mean, config.std, crop_min=config.crop_min, flip=config.flip)
     dataset = CropDataset(samples, spec, n_views, seed=config.seed)
-    augment = DeviceAugment(spec, device, seed=config.seed, rank=_process_index() if rank is None else rank,
+    augment = DeviceAugment(spec, device, seed=config.seed, rank=process_rank() if rank is None else rank,
                             channels_last=bool(config.channels_last))
     return dataset, augment

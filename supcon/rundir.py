@@ -1,14 +1,30 @@
-"""The run directory: the contract between supcon-train, probe-all and check-accuracies.
+"""The run directory: the contract between supcon-train, baseline-train, probe-all and check-accuracies.
 
-Layout of a SupCon run::
+Every writer and reader of a run directory takes its file names, run kinds, ``run_info`` keys
+and checkpoint schemas from here.
 
-    RUN/config.yaml            every resolved option + run_info (classes, mean/std, versions, ...)
-    RUN/ckpt_epoch_<N>.pth     every --save-freq epochs and at the final epoch
-    RUN/last.pth               the newest state (every epoch, and on SIGTERM/Ctrl-C mid-epoch)
-    RUN/metrics.csv            one row per epoch (loss, collapsed level, spread, kNN accuracy, lr, ...)
-    RUN/tensorboard/           TensorBoard events
-    RUN/probe/                 written by probe-all
+Layout::
+
+    RUN/config.yaml            every resolved option, then ``run_info`` (facts: see below)
+    RUN/ckpt_epoch_<N>.pth     SupCon: after epoch N, every --save-freq epochs and at the final epoch
+    RUN/last.pth               the newest state (every epoch; SupCon also on SIGTERM/Ctrl-C mid-epoch)
+    RUN/best.pth               baseline: the best-by-validation weights
+    RUN/metrics.csv            one row per finished epoch (``epoch`` = N for the N-th epoch, 1-based)
+    RUN/tensorboard/           TensorBoard events, one point per finished epoch at step N
+    RUN/probe/                 written by probe-all (features cache in probe/cache/)
     RUN/test_metrics.json      written by check-accuracies
+
+Epochs: the N-th epoch (1-based) is "epoch N" in messages, in the CSV, in ``ckpt_epoch_N.pth`` and
+as the TensorBoard step; a checkpoint's ``epoch`` entry counts the epochs it has finished, so
+``ckpt_epoch_N.pth`` holds ``epoch: N``, and a mid-epoch ``last.pth`` holding ``epoch: N`` and
+``epoch_state.steps_done: S`` is in epoch N + 1 after step S.
+
+``run_info`` keys every run records (:func:`make_run_info`): ``kind`` (:data:`SUPCON_KIND` or
+:data:`BASELINE_KIND`), ``class_names``, ``num_classes``, ``data_folder``, ``val_folder`` (or
+None), ``model_config``, ``num_processes``, ``global_batch``, ``steps_per_epoch``,
+``bad_images_skipped``, ``device``, ``versions``; a kind adds its own (SupCon:
+``learning_rate_rule``, ``collapsed_loss``...; baseline: ``test_folder``, ``mean``, ``std``...).
+Runs written before ``kind`` was recorded are SupCon runs.
 """
 
 from __future__ import annotations
@@ -23,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from supcon.checkpoint import atomic_write_text
+from supcon.checkpoint import atomic_write_text, safe_load
 from supcon.errors import UserError
 from supcon.runlock import LOCK_FILE
 
@@ -31,9 +47,29 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 #: Every unreadable image found by the image check (``path<TAB>reason``); not run content by itself.
 BAD_IMAGES_FILE = "bad_images.txt"
+LAST = "last.pth"
+BEST = "best.pth"
+TENSORBOARD_DIR = "tensorboard"
+PROBE_DIR = "probe"
+CACHE_DIR = "cache"
 RUN_INFO_KEY = "run_info"
 DEFAULT_RUNS_ROOT = "runs"
+
+SUPCON_KIND = "supcon"
+BASELINE_KIND = "baseline"
+
+#: The ``format`` entry of each kind's checkpoints (bumped ``version`` on incompatible changes).
+CHECKPOINT_FORMAT = "supcon-checkpoint"
+CHECKPOINT_VERSION = 1
+BASELINE_FORMAT = "supcon-baseline-checkpoint"
+BASELINE_VERSION = 1
+
 _CKPT_RE = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """The file name of the checkpoint written after the ``epoch``-th epoch (1-based)."""
+    return f"ckpt_epoch_{epoch}.pth"
 
 
 def default_run_dir(model: str, batch_size: int, root: str = DEFAULT_RUNS_ROOT) -> Path:
@@ -43,9 +79,8 @@ def default_run_dir(model: str, batch_size: int, root: str = DEFAULT_RUNS_ROOT) 
 
 def epoch_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
     """``{backbone_epoch: path}`` of the ``ckpt_epoch_<N>.pth`` files of a run, sorted by epoch."""
-    run_dir = Path(run_dir)
     found = {}
-    for path in run_dir.glob("ckpt_epoch_*.pth"):
+    for path in Path(run_dir).glob("ckpt_epoch_*.pth"):
         match = _CKPT_RE.match(path.name)
         if match:
             found[int(match.group(1))] = path
@@ -56,6 +91,99 @@ def has_run_content(run_dir: str | os.PathLike) -> bool:
     """True when ``run_dir`` holds anything but a refused start's list of unreadable images, or a lock file."""
     run_dir = Path(run_dir)
     return run_dir.is_dir() and any(p.name not in (BAD_IMAGES_FILE, LOCK_FILE) for p in run_dir.iterdir())
+
+
+def package_versions() -> dict[str, str]:
+    """Versions recorded in every run's ``run_info``."""
+    import accelerate
+    import timm
+    import torch
+    import torchvision
+
+    from supcon import __version__
+
+    return {"supcon": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "timm": str(timm.__version__), "accelerate": str(accelerate.__version__)}
+
+
+def make_run_info(kind: str, *, class_names: list[str], data_folder: str, val_folder: str | None,
+                  model_config: dict[str, Any], num_processes: int, global_batch: int, steps_per_epoch: int,
+                  bad_images_skipped: int, device: str, **facts: Any) -> dict[str, Any]:
+    """The ``run_info`` of a run: the keys every kind records, then the kind's own ``facts``."""
+    return {"kind": kind, "class_names": list(class_names), "num_classes": len(class_names),
+            "data_folder": data_folder, "val_folder": val_folder, **facts, "model_config": model_config,
+            "num_processes": num_processes, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+            "bad_images_skipped": bad_images_skipped, "device": device, "versions": package_versions()}
+
+
+def supcon_checkpoint(*, model_config: dict[str, Any], encoder: dict, head: dict, epoch: int, global_step: int,
+                      config: dict[str, Any], class_names: list[str], mean: list[float], std: list[float],
+                      data_folder: str, resume_state: dict[str, Any]) -> dict[str, Any]:
+    """A supcon-train checkpoint: the encoder and head with everything to rebuild and probe them.
+
+    ``resume_state`` holds what only ``--resume`` needs (optimizer, scaler, rng, epoch_state,
+    collapse). ``epoch`` counts finished epochs; ``global_step`` the optimizer steps.
+    """
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_config": model_config,
+            "encoder": encoder, "head": head, **resume_state, "epoch": epoch, "global_step": global_step,
+            "config": config, "class_names": list(class_names), "mean": list(mean), "std": list(std),
+            "data_folder": data_folder}
+
+
+def baseline_checkpoint(*, model_config: dict[str, Any], description: str, encoder: dict, head: dict, epoch: int,
+                        config: dict[str, Any], class_names: list[str], mean: list[float], std: list[float],
+                        size: int, best: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A baseline-train checkpoint (``best.pth``, or ``last.pth`` with the resume state in ``extra``).
+
+    ``best`` holds ``best_epoch``, ``best_val_accuracy``, ``best_val_loss`` and ``monitor``.
+    """
+    return {"format": BASELINE_FORMAT, "version": BASELINE_VERSION, "kind": BASELINE_KIND,
+            "model_config": model_config, "description": description, "encoder": encoder, "head": head,
+            "class_names": list(class_names), "mean": list(mean), "std": list(std), "size": size, "epoch": epoch,
+            **best, "config": config, **extra}
+
+
+def _load_checked(path: str | os.PathLike, checkpoint_format: str, writer: str) -> dict[str, Any]:
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != checkpoint_format:
+        raise UserError(f"{path} is not a {writer} checkpoint (no 'format: {checkpoint_format}' entry)")
+    return state
+
+
+def load_supcon_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load (``weights_only``) and sanity-check a supcon-train checkpoint.
+
+    Raises:
+        UserError: missing, unsafe or corrupt file, or not written by supcon-train.
+    """
+    return _load_checked(path, CHECKPOINT_FORMAT, "supcon-train")
+
+
+def load_baseline_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load (``weights_only``) and sanity-check a baseline-train checkpoint.
+
+    Raises:
+        UserError: missing, unsafe or corrupt file, or not written by baseline-train.
+    """
+    return _load_checked(path, BASELINE_FORMAT, "baseline-train")
+
+
+def find_split_folder(split: str, explicit: str | os.PathLike | None, train_folder: str | os.PathLike | None,
+                      recorded: str | os.PathLike | None = None) -> str | None:
+    """Where a run's ``val`` or ``test`` images are, in one order for every command (absolute path or None).
+
+    The order: ``explicit`` (the command line), else ``recorded`` (what the run wrote down when it
+    trained) if it still exists, else a sibling ``split`` of the training folder if it exists.
+    """
+    if explicit:
+        return str(Path(explicit).expanduser().resolve())
+    if recorded and Path(recorded).is_dir():
+        return str(Path(recorded).resolve())
+    if train_folder:
+        sibling = Path(train_folder).expanduser().resolve().parent / split
+        if sibling.is_dir():
+            return str(sibling)
+    return None
 
 
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any], run_info: dict[str, Any]) -> None:
@@ -82,6 +210,22 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def split_config(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A ``config.yaml`` mapping as ``(options, run_info)``."""
+    run_info = data.get(RUN_INFO_KEY) or {}
+    return {k: v for k, v in data.items() if k != RUN_INFO_KEY}, run_info
+
+
+def run_kind(run_dir: str | os.PathLike) -> str | None:
+    """The run's kind (:data:`SUPCON_KIND` for runs that predate the ``kind`` key), or None when its
+    ``config.yaml`` cannot be read."""
+    try:
+        _, run_info = split_config(read_config(run_dir))
+    except UserError:
+        return None
+    return str(run_info.get("kind", SUPCON_KIND)) if isinstance(run_info, dict) else None
+
+
 def find_runs(root: str | os.PathLike = DEFAULT_RUNS_ROOT) -> list[Path]:
     """Run directories (holding a config.yaml) directly under ``root``, oldest first by modification time."""
     root = Path(root)
@@ -89,18 +233,6 @@ def find_runs(root: str | os.PathLike = DEFAULT_RUNS_ROOT) -> list[Path]:
         return []
     runs = [p for p in root.iterdir() if (p / CONFIG_FILE).is_file()]
     return sorted(runs, key=lambda p: ((p / CONFIG_FILE).stat().st_mtime, p.name))
-
-
-def latest_run(root: str | os.PathLike = DEFAULT_RUNS_ROOT) -> Path:
-    """The most recent run under ``root``.
-
-    Raises:
-        UserError: no run found.
-    """
-    runs = find_runs(root)
-    if not runs:
-        raise UserError(f"no run found under {Path(root).resolve()} (train one with supcon-train, or pass --run DIR)")
-    return runs[-1]
 
 
 class MetricsCSV:
@@ -136,23 +268,41 @@ class MetricsCSV:
             f.flush()
 
 
-def open_run_outputs(run_dir: Path, config: dict[str, Any], run_info: dict[str, Any], metric_fields: list[str],
-                     start_epoch: int, is_main: bool):
-    """Create the run dir, write ``config.yaml``, and open the per-epoch CSV and TensorBoard writer.
+class MetricSinks:
+    """``config.yaml``, the per-epoch CSV and the TensorBoard writer of a run (written by the main process only).
 
-    On resume (``start_epoch > 0``) rows and events after ``start_epoch`` are dropped, so a crashed
-    epoch is not logged twice. Only the main process writes; the others get ``(csv, None)``.
+    Opening writes ``config.yaml``; on resume (``start_epoch > 0``) rows and events after
+    ``start_epoch`` are dropped, so a crashed epoch is not logged twice.
 
-    Returns:
-        ``(MetricsCSV, SummaryWriter | None)``.
+    Args:
+        tags: ``{csv column: TensorBoard tag}`` of the columns to plot.
     """
-    metrics_csv = MetricsCSV(Path(run_dir) / METRICS_FILE, metric_fields)
-    if not is_main:
-        return metrics_csv, None
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config, run_info)
-    metrics_csv.truncate_after(start_epoch)
-    from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
-    return metrics_csv, writer
+    def __init__(self, run_dir: Path, config: dict[str, Any], run_info: dict[str, Any], fields: list[str],
+                 tags: dict[str, str], start_epoch: int, is_main: bool):
+        self.csv = MetricsCSV(Path(run_dir) / METRICS_FILE, fields)
+        self.tags = tags
+        self.writer = None
+        if not is_main:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, config, run_info)
+        self.csv.truncate_after(start_epoch)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR),
+                                    purge_step=start_epoch + 1 if start_epoch else None)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append the row of a finished epoch (``row["epoch"]``, 1-based) to the CSV and TensorBoard."""
+        if self.writer is None:
+            return
+        self.csv.append(row)
+        for key, tag in self.tags.items():
+            if row.get(key) is not None:
+                self.writer.add_scalar(tag, row[key], row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

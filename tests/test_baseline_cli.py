@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from supcon.baseline.cli import main
-from supcon.baseline.models import build_model
+from supcon.baseline.models import build_classifier
 from tests.conftest import write_image_folder
 
 #: Seconds per run: the simple CNN at 32 px, no augmentation, 1 CPU worker.
@@ -111,7 +111,7 @@ def test_best_checkpoint_is_weights_only_and_rebuilds_the_network(cli_run):
     assert state["val_accuracy"] == pytest.approx(float(best_row["val_accuracy"]))
     assert state["class_names"] == ["cat", "dog", "fox"] and state["size"] == 32
     assert len(state["mean"]) == 3 and len(state["std"]) == 3
-    net = build_model(state["model_config"])
+    net = build_classifier(state["model_config"])
     net.backbone.load_state_dict(state["encoder"])  # strict: every tensor present, no extras
     net.head.load_state_dict(state["head"])
     last = torch.load(run_dir / "last.pth", weights_only=True)

@@ -10,11 +10,12 @@ import torch
 import yaml
 
 from supcon.baseline.config import BaselineConfig
-from supcon.baseline.evaluate import is_baseline_run, predict_run
-from supcon.baseline.models import build_model
+from supcon.baseline.evaluate import predict_run
+from supcon.baseline.models import build_classifier
 from supcon.baseline.train import train
 from supcon.data import eval_transform, load_rgb
 from supcon.errors import UserError
+from supcon.rundir import run_kind
 from tests.conftest import write_image_folder
 from tests.test_baseline_cli import read_csv
 
@@ -50,7 +51,7 @@ def test_predict_run_on_a_tiny_trained_baseline(tiny_run, image_root):
 
     # The probabilities are those of best.pth's network on the eval transform.
     state = torch.load(tiny_run / "best.pth", weights_only=True)
-    net = build_model(state["model_config"])
+    net = build_classifier(state["model_config"])
     net.backbone.load_state_dict(state["encoder"])
     net.head.load_state_dict(state["head"])
     net.eval()
@@ -58,7 +59,7 @@ def test_predict_run_on_a_tiny_trained_baseline(tiny_run, image_root):
     with torch.no_grad():
         expected = torch.softmax(net(image[None])["logits"], 1)[0].numpy()
     assert np.allclose(probabilities[7], expected, atol=1e-5)
-    assert is_baseline_run(tiny_run)
+    assert run_kind(tiny_run) == "baseline"
 
 
 def test_predict_run_reads_best_not_last(tiny_run, tmp_path):
@@ -95,7 +96,7 @@ def test_predict_run_on_a_given_test_folder_and_the_errors(tiny_run, tmp_path):
     (moved / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match="not a baseline run"):
         predict_run(moved)
-    assert not is_baseline_run(moved)
+    assert run_kind(moved) != "baseline"
 
 
 def test_single_logit_bce_gives_two_probability_columns(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 from supcon.baseline.losses import ClassifierLoss, logits_to_probabilities
 from supcon.baseline.models import (
-    build_model,
+    build_classifier,
     check_input_size,
     freeze_blocks,
     freeze_units,
@@ -22,7 +22,7 @@ from supcon.errors import UserError
 
 def model(name: str, num_classes: int = 3, **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(make_model_config(name, num_classes, **kwargs))
+    return build_classifier(make_model_config(name, num_classes, **kwargs))
 
 
 @pytest.mark.parametrize("name", sorted(CUSTOM_NETS))
@@ -167,7 +167,7 @@ def test_pretrained_file_loads_the_backbone_and_leaves_the_new_head(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
     torch.manual_seed(0)
-    net = build_model(make_model_config("test_resnet", 3), pretrained_file=str(path))
+    net = build_classifier(make_model_config("test_resnet", 3), pretrained_file=str(path))
     expected = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
     assert net.backbone.state_dict().keys() == expected.keys()
     for key, value in net.backbone.state_dict().items():
@@ -179,12 +179,12 @@ def test_pretrained_file_that_matches_nothing_is_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"unrelated.weight": torch.zeros(3)}, path)
     with pytest.raises(UserError, match="no tensors matching"):
-        build_model(make_model_config("simple_cnn", 3), pretrained_file=str(path))
+        build_classifier(make_model_config("simple_cnn", 3), pretrained_file=str(path))
 
 
 def test_pretrained_is_refused_for_custom_nets():
     with pytest.raises(UserError, match="no ImageNet weights"):
-        build_model(make_model_config("se_net", 3), pretrained=True)
+        build_classifier(make_model_config("se_net", 3), pretrained=True)
 
 
 def test_unknown_model_names_the_families():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ from accelerate.utils import set_seed
 import supcon.baseline.train as baseline_train
 from supcon.baseline.config import BaselineConfig
 from supcon.baseline.data import stratified_split, train_transform
-from supcon.baseline.models import build_model, make_model_config
+from supcon.baseline.models import build_classifier, make_model_config
 from supcon.baseline.train import EarlyStopping, load_baseline_checkpoint, make_scheduler, train
 from supcon.errors import UserError
 
@@ -76,7 +77,7 @@ def test_the_loop_stops_at_the_right_epoch_on_a_scripted_validation_curve(image_
 # --- resume -----------------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_then_resume_gives_the_weights_of_an_uninterrupted_run(image_root, tmp_path, monkeypatch):
+def test_ctrl_c_then_resume_gives_the_weights_of_an_uninterrupted_run(image_root, tmp_path, monkeypatch, caplog):
     # A worker process loads the data, so the model's own randomness (DropBlock) draws from the main process's
     # RNG, which only a restored RNG state continues; epoch 4 needs the restored cosine schedule.
     config = dict(epochs=4, augment="standard", model="plain_cnn", optimizer="sgd", learning_rate=0.05,
@@ -93,13 +94,19 @@ def test_ctrl_c_then_resume_gives_the_weights_of_an_uninterrupted_run(image_root
 
     monkeypatch.setattr(baseline_train, "train_one_epoch", ctrl_c_in_epoch_3)
     run_dir = tmp_path / "interrupted"
-    interrupted = train(tiny_config(image_root / "train", run_dir, **config), progress=False)
+    with caplog.at_level(logging.INFO):
+        interrupted = train(tiny_config(image_root / "train", run_dir, **config), progress=False)
     assert (interrupted.interrupted_by, interrupted.exit_code, interrupted.epochs_done) == (signal.SIGINT, 130, 2)
     assert load_baseline_checkpoint(run_dir / "last.pth")["epoch"] == 2
+    # the epoch in progress, 1-based, in both messages
+    assert "interrupted in epoch 3;" in caplog.text and "(epoch 3 is redone)" in caplog.text
     monkeypatch.setattr(baseline_train, "train_one_epoch", original)
 
-    resumed = train(tiny_config(image_root / "train", run_dir, resume=True, **config), progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = train(tiny_config(image_root / "train", run_dir, resume=True, **config), progress=False)
     assert resumed.epochs_done == 4
+    assert f"resuming {run_dir} at epoch 3 (2 of 4 epochs done)" in caplog.text
     a = load_baseline_checkpoint(tmp_path / "straight" / "last.pth")
     b = load_baseline_checkpoint(run_dir / "last.pth")
     for part in ("encoder", "head"):
@@ -116,7 +123,7 @@ def test_freeze_keeps_frozen_weights_but_moves_their_batchnorm_statistics(image_
                          optimizer="adamw", learning_rate=0.01, weight_decay=0.5)
     train(config, progress=False)
     set_seed(0)
-    initial = build_model(make_model_config("plain_cnn", 3)).backbone.state_dict()
+    initial = build_classifier(make_model_config("plain_cnn", 3)).backbone.state_dict()
     trained = load_baseline_checkpoint(tmp_path / "run" / "last.pth")["encoder"]
     for key, value in initial.items():
         if key.startswith(("blocks.0.", "blocks.1.")):

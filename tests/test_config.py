@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,20 @@ def test_reference_command_line_parses_to_the_intended_config(parse, tmp_path):
     assert config.model == "resnet50"
     assert config.epochs == 1000
     assert config.warm is None  # decided from the global batch at run time
+
+
+def test_options_once_only_in_yaml_are_on_the_command_line(parse, tmp_path):
+    config = parse(["--data-folder", tmp_path, "--base-temp", "0.1", "--warm-epochs", "3", "--warmup-from", "0.001",
+                    "--knn-temperature", "0.2"])
+    assert (config.base_temp, config.warm_epochs, config.warmup_from, config.knn_temperature) == (0.1, 3, 0.001, 0.2)
+
+
+@pytest.mark.parametrize("field, value, fragment", [("warm_epochs", 0, "--warm-epochs must be at least 1"),
+                                                    ("warmup_from", -0.1, "--warmup-from must be >= 0"),
+                                                    ("base_temp", 0.0, "--base-temp must be positive")])
+def test_warm_up_and_base_temperature_bounds(tmp_path, field, value, fragment):
+    with pytest.raises(UserError, match=fragment):
+        TrainConfig(data_folder=str(tmp_path), **{field: value}).validate()
 
 
 def test_other_underscore_aliases(parse, tmp_path):
@@ -188,3 +203,40 @@ def test_config_differences_ignore_runtime_options_and_auto_values():
                                     "resume": True}) == []
     assert config_differences(old, {"temp": 0.1, "num_workers": 8, "learning_rate": 0.1, "epochs": 10}) == [
         "learning_rate", "temp"]
+
+
+# --- resolving: a new object, every automatic option decided, nothing re-inferred on resume ----------------------
+
+
+def test_resolving_decides_the_automatic_options_in_a_new_object(tmp_path):
+    from supcon.config import LR_RULE_GIVEN, LR_RULE_LINEAR, resolve_train_config
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    user = TrainConfig(data_folder=str(tmp_path / "train"), batch_size=64)
+    before = dataclasses.asdict(user)
+    resolved, facts = resolve_train_config(user, precision="fp32", on_gpu=False, world_size=8)
+    assert dataclasses.asdict(user) == before  # the user's config is not touched
+    assert (resolved.precision, resolved.channels_last, resolved.gpu_augment) == ("fp32", False, False)
+    assert resolved.val_folder == str((tmp_path / "val").resolve())
+    assert resolved.learning_rate == pytest.approx(0.5 * 512 / 1024)
+    assert facts == {"learning_rate_rule": LR_RULE_LINEAR, "global_batch": 512, "auto_warm": True}
+    assert resolved.warm is True
+
+    # a learning rate given on the command line is "given", even when it equals the linear rule's value
+    _, facts = resolve_train_config(dataclasses.replace(user, learning_rate=0.25), precision="fp32", on_gpu=True,
+                                    world_size=8)
+    assert facts["learning_rate_rule"] == LR_RULE_GIVEN
+
+
+def test_resolving_a_resumed_run_keeps_what_it_recorded(tmp_path):
+    from supcon.config import resolve_train_config
+
+    user = TrainConfig(data_folder=str(tmp_path / "train"), batch_size=32)
+    recorded = {"gpu_augment": True, "learning_rate": 0.3, "warm": False, "mean": [0.1, 0.2, 0.3],
+                "std": [0.4, 0.5, 0.6], "val_folder": None}
+    resolved, facts = resolve_train_config(user, precision="fp32", on_gpu=False, world_size=1, recorded=recorded,
+                                           recorded_info={"learning_rate_rule": "given"})
+    assert (resolved.gpu_augment, resolved.learning_rate, resolved.warm) == (True, 0.3, False)
+    assert (resolved.mean, resolved.std, resolved.val_folder) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6], None)
+    assert facts["learning_rate_rule"] == "given" and not facts["auto_warm"]

@@ -61,7 +61,7 @@ def test_config_builds_model_and_data_pipeline(path, train_folder, one_image):
     else:
         from supcon.baseline.config import BaselineConfig, expand_grid
         from supcon.baseline.data import train_transform
-        from supcon.baseline.models import build_model, freeze_blocks, make_model_config
+        from supcon.baseline.models import build_classifier, freeze_blocks, make_model_config
 
         config = resolve(BaselineConfig, yaml_values_for(BaselineConfig, values, str(path)),
                          {"data_folder": str(train_folder)})
@@ -71,7 +71,7 @@ def test_config_builds_model_and_data_pipeline(path, train_folder, one_image):
         cell.validate()
         model_config = make_model_config(cell.model, 2, cell.loss, cell.head, cell.head_hidden, cell.small_input)
         # pretrained weights would need the network: build the same architecture without them
-        model = build_model(model_config, pretrained=False)
+        model = build_classifier(model_config, pretrained=False)
         if cell.freeze:
             frozen = freeze_blocks(model, cell.freeze)
             assert len(frozen) == cell.freeze

@@ -37,7 +37,7 @@ def spec(**changes) -> AugmentSpec:
     return dataclasses.replace(AugmentSpec.supcon(SIZE, MEAN, STD), **changes)
 
 
-# --- the settings come from the plain pipeline ---------------------------------------------------------------
+# --- one spec is the source of both paths ------------------------------------------------------------------
 
 def test_spec_is_read_from_the_plain_pipeline():
     s = AugmentSpec.supcon(SIZE, MEAN, STD)
@@ -48,11 +48,22 @@ def test_spec_is_read_from_the_plain_pipeline():
     assert s.mean == MEAN and s.std == STD
 
 
-def test_a_transform_the_fast_path_lacks_is_refused():
-    plain = two_view_augmentation(SIZE, MEAN, STD)
-    plain.transforms.insert(3, transforms.GaussianBlur(3))
-    with pytest.raises(ValueError, match="GaussianBlur"):
-        AugmentSpec.from_transform(plain)
+def test_the_plain_pipeline_is_built_from_the_spec():
+    """Both paths read one spec: a changed setting reaches the torchvision pipeline too."""
+    changed = spec(scale=(0.5, 1.0), flip_p=0.0, jitter_p=0.3, brightness=None, hue=(-0.2, 0.2), grayscale_p=0.7)
+    crop, flip, jitter_apply, gray, _, normalize = changed.torchvision_pipeline().transforms
+    jitter = jitter_apply.transforms[0]
+    assert (crop.size, crop.scale, crop.interpolation) == ((SIZE, SIZE), (0.5, 1.0),
+                                                           transforms.InterpolationMode.BILINEAR)
+    assert (flip.p, jitter_apply.p, gray.p) == (0.0, 0.3, 0.7)
+    assert jitter.brightness is None and tuple(jitter.contrast) == pytest.approx((0.6, 1.4))
+    assert tuple(jitter.hue) == pytest.approx((-0.2, 0.2))
+    assert tuple(normalize.mean) == MEAN and tuple(normalize.std) == STD
+    # and the plain SupCon pipeline is the reference recipe's
+    reference = transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    plain_jitter = two_view_augmentation(SIZE, MEAN, STD).transforms[2].transforms[0]
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        assert tuple(getattr(plain_jitter, name)) == pytest.approx(tuple(getattr(reference, name)))
 
 
 # --- colour ops equal torchvision's tensor ops for given parameters -------------------------------------------

@@ -99,8 +99,11 @@ def straight(data, tmp_path_factory) -> Path:
     return run_dir
 
 
-def start_pausing_run(args, workdir: Path, pause_at_step: int, pause_seconds: float = 3.0):
-    """Start ``supcon-train args`` in a subprocess that pauses inside its ``pause_at_step``-th step (1-based)."""
+def start_pausing_run(args, workdir: Path, pause_at_step: int, pause_seconds: float = 3.0, new_session: bool = False):
+    """Start ``supcon-train args`` in a subprocess that pauses inside its ``pause_at_step``-th step (1-based).
+
+    ``new_session``: in its own process group, so the test can signal it as a terminal does (the group).
+    """
     marker = workdir / "paused"
     env = {**os.environ, "PAUSE_AT_STEP": str(pause_at_step), "PAUSE_MARKER": str(marker),
            "PAUSE_SECONDS": str(pause_seconds),
@@ -108,7 +111,7 @@ def start_pausing_run(args, workdir: Path, pause_at_step: int, pause_seconds: fl
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
     log = open(workdir / "train.log", "w")
     process = subprocess.Popen([sys.executable, "-c", PAUSING_TRAIN, *[str(a) for a in args]], cwd=workdir,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
     log.close()
     deadline = time.monotonic() + 240
     while not marker.exists():
@@ -134,7 +137,7 @@ def test_kill_9_mid_run_then_resume_gives_identical_weights(data, straight, tmp_
 
     result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
     assert result.exit_code == 0, result.output
-    assert f"resuming {run_dir} from epoch 2" in result.output
+    assert f"resuming {run_dir} at epoch 3 (2 of 4 epochs done)" in result.output
     assert_identical_training_state(run_dir, straight)
     assert_same_metrics(run_dir, straight)
     assert sorted(p.name for p in run_dir.glob("*.pth")) == ["ckpt_epoch_2.pth", "ckpt_epoch_4.pth", "last.pth"]
@@ -171,7 +174,8 @@ def test_sigterm_saves_mid_epoch_state_promptly_and_resumes_identically(data, st
 
     result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
     assert result.exit_code == 0, result.output
-    assert f"resuming {run_dir} from epoch 1, step 2" in result.output
+    # the same state is named the same way when it is saved and when it is resumed: epoch in progress, 1-based
+    assert f"resuming {run_dir} in epoch 2 at step 2/4" in result.output
     assert_identical_training_state(run_dir, straight)
     assert_same_metrics(run_dir, straight)
 
@@ -192,12 +196,32 @@ def test_ctrl_c_mid_epoch_in_process_then_resume(data, straight, tmp_path, monke
     assert result.exit_code == 130, result.output
     state = final_state(run_dir)
     assert (state["epoch"], state["epoch_state"]["steps_done"]) == (2, 1)
+    # one convention for the same state: the epoch in progress (1-based) and the steps done in it
+    assert "interrupted in epoch 3 at step 1/4" in result.output
+    assert [line for line in result.output.splitlines() if "epoch 3/4" in line] == []  # epoch 3 was not logged
     monkeypatch.undo()
 
     result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
     assert result.exit_code == 0, result.output
+    assert f"resuming {run_dir} in epoch 3 at step 1/4" in result.output
+    # the epoch that finishes is logged, and recorded in the CSV and the checkpoint names, as epoch 3 and 4
+    assert "epoch 3/4 loss" in result.output and "epoch 4/4 loss" in result.output
     assert_identical_training_state(run_dir, straight)
     assert_same_metrics(run_dir, straight)
+
+
+def test_ctrl_c_with_loader_workers_is_reported_once(data, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, loader workers included: one message, one save."""
+    run_dir = tmp_path / "run"
+    process = start_pausing_run(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--num-workers", "2"], tmp_path,
+                                pause_at_step=STEPS_PER_EPOCH + 2, new_session=True)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("received SIGINT") == 1, log
+    assert log.count("interrupted in epoch 2 at step 2/4") == 1, log
+    assert "Traceback" not in log
+    assert (final_state(run_dir)["epoch"], final_state(run_dir)["epoch_state"]["steps_done"]) == (1, 2)
 
 
 def test_resume_needs_a_run_dir(data, tmp_path, monkeypatch):

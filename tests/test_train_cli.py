@@ -210,6 +210,47 @@ def test_refuses_to_resume_with_another_number_of_processes(cli_run, train_folde
     assert snapshot(run_dir) == before
 
 
+def test_resuming_a_finished_run_says_so_and_how_to_train_longer(cli_run, train_folder):
+    run_dir, _ = cli_run
+    before = snapshot(run_dir)
+    result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"run {run_dir} is finished: 3 of 3 epochs done, nothing to train" in result.output
+    assert "start a new run" in result.output and "cosine schedule is set by --epochs" in result.output
+    assert "resuming" not in result.output
+    assert snapshot(run_dir) == before
+
+
+def test_a_cosine_run_cannot_be_extended(cli_run, train_folder):
+    run_dir, _ = cli_run
+    before = snapshot(run_dir)
+    result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS, "--resume", "--epochs", "5"])
+    assert_one_line_error(result, "started with --epochs 3, now 5", "cosine schedule is set by --epochs",
+                          "start a new run")
+    assert snapshot(run_dir) == before
+
+
+def test_a_step_schedule_run_extended_with_resume_equals_a_longer_run(train_folder, tmp_path):
+    """--no-cosine: the learning rate of an epoch does not depend on --epochs, so 2 + 1 epochs equal 3."""
+    args = [*SMALL_ARGS, "--data-folder", train_folder, "--no-cosine", "--lr-decay-epochs", "2", "--seed", "1"]
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    assert invoke([*args, "--run-dir", straight, "--epochs", "3"]).exit_code == 0
+    assert invoke([*args, "--run-dir", extended, "--epochs", "2"]).exit_code == 0
+    finished = invoke([*args, "--run-dir", extended, "--epochs", "2", "--resume"])
+    assert "resume it with a larger --epochs" in finished.output
+    result = invoke([*args, "--run-dir", extended, "--epochs", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"resuming {extended} at epoch 3 (2 of 3 epochs done)" in result.output
+    got, expected = (torch.load(d / "last.pth", weights_only=True) for d in (extended, straight))
+    assert got["epoch"] == expected["epoch"] == 3
+    assert all(torch.equal(got["encoder"][k], expected["encoder"][k]) for k in expected["encoder"])
+    assert yaml.safe_load((extended / "config.yaml").read_text())["epochs"] == 3
+    assert [r["epoch"] for r in read_metrics(extended)] == ["1", "2", "3"]
+    assert sorted(p.name for p in extended.glob("ckpt_epoch_*.pth")) == ["ckpt_epoch_2.pth", "ckpt_epoch_3.pth"]
+    shorter = invoke([*args, "--run-dir", extended, "--epochs", "2", "--resume"])
+    assert_one_line_error(shorter, "started with --epochs 3, now 2", "cannot be shortened")
+
+
 # --- bad input: one line, non-zero exit, nothing written -----------------------------------------------------
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from supcon.baseline.config import AUGMENTATIONS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
@@ -92,11 +90,12 @@ D = BaselineConfig()
 def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     """Train a supervised baseline classifier on an image folder, or a grid of them."""
     from supcon.baseline.config import is_grid
+    from supcon.distributed import is_main_process
 
     setup_logging()
     baseline_config = resolve_command_config(ctx, BaselineConfig, config, section="baseline",
                                              skip=("config", "quiet"))
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch, print once
+    main_process = is_main_process()  # under torchrun / accelerate launch, print once
     if is_grid(baseline_config):
         from supcon.baseline.grid import run_grid, summary_markdown
 

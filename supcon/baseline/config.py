@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from supcon.baseline.models import HEADS
-from supcon.config import parse_triplet
+from supcon.config import check_bounds, parse_triplet, require_data_folder
 from supcon.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -77,8 +77,7 @@ class BaselineConfig:
         Raises:
             UserError: naming the first offending option.
         """
-        if not self.data_folder:
-            raise UserError("--data-folder is required (an ImageFolder: one subfolder per class)")
+        require_data_folder(self.data_folder)
         self.optimizer = _single(self.optimizer, "optimizer", str)
         self.learning_rate = _single(self.learning_rate, "learning-rate", float)
         self.momentum = _single(self.momentum, "momentum", float)
@@ -93,12 +92,8 @@ class BaselineConfig:
         if self.batch_size < 2:
             raise UserError(
                 f"--batch-size must be at least 2 (BatchNorm needs 2 images per batch), got {self.batch_size}")
-        for name in ("epochs", "size", "lr_step_epochs", "plateau_patience"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("freeze", "patience", "num_workers", "aux_weight", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_bounds(self, at_least_one=("epochs", "size", "lr_step_epochs", "plateau_patience"),
+                     non_negative=("freeze", "patience", "num_workers", "aux_weight", "weight_decay"))
         if self.head_hidden is not None and self.head_hidden < 1:
             raise UserError(f"--head-hidden must be at least 1, got {self.head_hidden}")
         if not self.learning_rate > 0:

@@ -14,40 +14,38 @@ from typing import Any
 from accelerate import Accelerator
 
 from supcon.baseline.losses import logits_to_probabilities
-from supcon.baseline.models import build_model
-from supcon.baseline.train import BEST, load_baseline_checkpoint, predict
+from supcon.baseline.models import build_classifier
+from supcon.baseline.train import predict
 from supcon.data import EvalDataset, check_images, eval_transform, make_loader, report_bad_images, scan_image_folder
+from supcon.engine import make_accelerator
 from supcon.errors import UserError
-from supcon.rundir import BAD_IMAGES_FILE, RUN_INFO_KEY, read_config
-from supcon.train import make_accelerator
+from supcon.rundir import (
+    BAD_IMAGES_FILE,
+    BASELINE_KIND,
+    BEST,
+    RUN_INFO_KEY,
+    find_split_folder,
+    load_baseline_checkpoint,
+    read_config,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def is_baseline_run(run_dir: str | os.PathLike) -> bool:
-    """True when ``run_dir`` holds a config.yaml written by baseline-train."""
-    try:
-        return read_config(run_dir).get(RUN_INFO_KEY, {}).get("kind") == "baseline"
-    except UserError:
-        return False
-
-
 def resolve_test_folder(run_info: dict[str, Any], test_folder: str | os.PathLike | None = None) -> Path:
-    """The given folder, else the one the run recorded, else a sibling ``test`` of its data folder.
+    """The given folder, else the one the run recorded, else a sibling ``test`` of its data folder
+    (:func:`supcon.rundir.find_split_folder`).
 
     Raises:
         UserError: none of them exists.
     """
-    if test_folder:
-        return Path(test_folder)
-    recorded = run_info.get("test_folder")
-    if recorded:
-        return Path(recorded)
-    sibling = Path(run_info["data_folder"]).parent / "test"
-    if sibling.is_dir():
-        return sibling
-    raise UserError(f"no test folder: none was recorded for the run and {sibling} does not exist; "
-                    "give one (--test-folder)")
+    found = find_split_folder("test", test_folder, run_info.get("data_folder"), run_info.get("test_folder"))
+    if found is None:
+        sibling = Path(run_info["data_folder"]).parent / "test"
+        recorded = run_info.get("test_folder")
+        what = f"the recorded {recorded} is gone" if recorded else "none was recorded for the run"
+        raise UserError(f"no test folder: {what} and {sibling} does not exist; give one (--test-folder)")
+    return Path(found)
 
 
 def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | None = None, batch_size: int = 256,
@@ -78,7 +76,7 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     run_info = config.get(RUN_INFO_KEY) or {}
-    if run_info.get("kind") != "baseline":
+    if run_info.get("kind") != BASELINE_KIND:
         raise UserError(f"{run_dir} is not a baseline run (its config.yaml records kind {run_info.get('kind')!r})")
     if not (run_dir / BEST).is_file():
         raise UserError(f"{run_dir} has no {BEST} yet (no epoch finished); continue it with "
@@ -94,7 +92,7 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
     report_bad_images(check_images(paths, False, num_workers, progress=False).bad, skip=False,
                       list_path=run_dir / BAD_IMAGES_FILE)
 
-    model = build_model(state["model_config"])
+    model = build_classifier(state["model_config"])
     model.backbone.load_state_dict(state["encoder"])
     model.head.load_state_dict(state["head"])
     accelerator = accelerator or make_accelerator("fp32")

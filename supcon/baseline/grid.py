@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import math
-import os
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,22 +31,14 @@ from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig, expand_grid
 from supcon.baseline.evaluate import predict_run
 from supcon.baseline.metrics import classification_metrics
 from supcon.baseline.models import model_family
-from supcon.baseline.train import (
-    BEST,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    NonFiniteLoss,
-    default_precision,
-    load_baseline_checkpoint,
-    make_accelerator,
-    prepare_data,
-    train,
-)
-from supcon.checkpoint import LAST, atomic_write_text
+from supcon.baseline.train import NonFiniteLoss, prepare_data, train
+from supcon.checkpoint import atomic_write_text
 from supcon.config import config_differences, load_yaml, to_yaml_dict
 from supcon.data import scan_image_folder
+from supcon.distributed import is_main_process
+from supcon.engine import EXIT_SIGINT, EXIT_SIGTERM, RunEngine, default_precision, launched_world_size
 from supcon.errors import UserError
-from supcon.rundir import default_run_dir, has_run_content
+from supcon.rundir import BEST, LAST, default_run_dir, find_split_folder, has_run_content, load_baseline_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -204,15 +195,15 @@ def run_grid(config: BaselineConfig, progress: bool = True) -> GridResult:
     first = cells[0]
     model_family(first.model)
     index = scan_image_folder(first.data_folder, "data folder", allow_split_names=first.allow_split_class_names)
-    sibling_test = Path(index.root).resolve().parent / "test"
-    if not config.test_folder and not sibling_test.is_dir():
+    if find_split_folder("test", config.test_folder, index.root) is None:
+        sibling_test = Path(index.root).resolve().parent / "test"
         raise UserError(f"the grid reports test metrics: give --test-folder, or put a 'test' folder beside the "
                         f"data folder ({sibling_test} does not exist)")
     if config.resume and not config.run_dir:
         raise UserError("--resume needs --run-dir (the grid to continue)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.run_dir:
+    if launched_world_size() > 1 and not config.run_dir:
         raise UserError("a grid under several processes needs --run-dir (so that every process uses the same one)")
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     grid_dir = Path(config.run_dir) if config.run_dir else default_run_dir(f"{first.model}_baseline_grid",
                                                                             first.batch_size)
     grid_options = {**to_yaml_dict(first), "run_dir": str(grid_dir)}
@@ -221,9 +212,7 @@ def run_grid(config: BaselineConfig, progress: bool = True) -> GridResult:
     grid_options["seeds"] = grid_options.pop("seed")
     _check_grid_dir(grid_dir, config, grid_options)
     # Check the images (and compute mean/std) once for all runs: they share the folders and the split.
-    data = prepare_data(first, make_accelerator(first.precision or default_precision()), progress, grid_dir)
-    for cell in cells:
-        cell.mean, cell.std = first.mean, first.std
+    data = prepare_data(first, RunEngine(first.precision or default_precision(), progress), grid_dir)
 
     result = GridResult(grid_dir=grid_dir, cells_total=len(cells))
     logger.info("grid of %d runs in %s", len(cells), grid_dir)

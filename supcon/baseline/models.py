@@ -1,7 +1,7 @@
 """Baseline classifiers: a backbone (timm, torchvision or a custom net), a head, and ``--freeze``.
 
 A checkpoint stores ``model_config`` (a plain dict from :func:`make_model_config`) beside the
-weights, so ``build_model(model_config)`` alone rebuilds the network.
+weights, so ``build_classifier(model_config)`` alone rebuilds the network.
 
 What ``--freeze N`` counts as a *block* (the stem always belongs to block 1; heads, including
 auxiliary classifiers, are never frozen):
@@ -59,7 +59,7 @@ def model_family(name: str) -> str:
     )
 
 
-def make_head(kind: str, in_features: int, num_outputs: int, hidden: int) -> nn.Module:
+def make_classifier_head(kind: str, in_features: int, num_outputs: int, hidden: int) -> nn.Module:
     """``linear``: Linear; ``mlp``: Linear-ReLU-Linear; ``mlp-dropout``: Linear-LeakyReLU-Dropout(0.5)-Linear."""
     if kind == "linear":
         return nn.Linear(in_features, num_outputs)
@@ -162,7 +162,7 @@ def _torchvision_backbone(name: str, num_outputs: int, pretrained: bool) -> tupl
     return net, 1024
 
 
-def build_model(model_config: dict[str, Any], pretrained: bool = False, pretrained_file: str | None = None
+def build_classifier(model_config: dict[str, Any], pretrained: bool = False, pretrained_file: str | None = None
                 ) -> BaselineModel:
     """Build the classifier described by ``model_config`` (see :func:`make_model_config`).
 
@@ -194,7 +194,7 @@ def build_model(model_config: dict[str, Any], pretrained: bool = False, pretrain
         num_features = backbone.num_features
     if pretrained_file:
         load_encoder_weights(backbone, pretrained_file)
-    head = make_head(model_config["head"], num_features, num_outputs, int(model_config["head_hidden"]))
+    head = make_classifier_head(model_config["head"], num_features, num_outputs, int(model_config["head_hidden"]))
     return BaselineModel(backbone, head, model_config)
 
 

@@ -1,7 +1,7 @@
 """The four small networks of the experiment notes, as feature extractors of any input size.
 
 Each net returns ``{"features": [B, num_features]}`` (plus ``"aux_logits"`` for the Inception-style
-net while training); :func:`supcon.baseline.models.build_model` adds the classification head. A
+net while training); :func:`supcon.baseline.models.build_classifier` adds the classification head. A
 net's own head, as the notes describe it, is its ``default_head`` / ``default_head_hidden`` (used
 when ``--head`` is not given). Spatial sizes only shrink by pooling and end in adaptive pooling, so
 every net works at 32, 128 and 224 px (and anything from 16 px up).

@@ -1,6 +1,8 @@
 """Supervised baseline training: ``train_one_epoch``, ``evaluate``, early stopping, and the run loop.
 
-The run directory follows supcon-train's conventions (see :mod:`supcon.rundir`)::
+The run directory follows the contract of :mod:`supcon.rundir`; the lifecycle is
+:class:`supcon.engine.RunEngine`'s, and :class:`BaselineTrainer` supplies the classifier step,
+validation, early stopping and ``best.pth``::
 
     RUN/config.yaml     every resolved option + run_info (kind: baseline, classes, folders, mean/std, ...)
     RUN/best.pth        the best-by-validation weights (model_config, class names, mean/std, best epoch)
@@ -16,10 +18,8 @@ uninterrupted one on the CPU.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
 from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig
 from supcon.baseline.data import AugmentedDataset, stratified_split, train_transform
 from supcon.baseline.losses import ClassifierLoss, logits_to_probabilities
 from supcon.baseline.metrics import classification_metrics
-from supcon.baseline.models import build_model, check_input_size, describe_model, freeze_blocks, make_model_config
-from supcon.checkpoint import LAST, atomic_write_bytes, rng_state, safe_load, set_rng_state
-from supcon.config import config_differences, to_yaml_dict
+from supcon.baseline.models import build_classifier, check_input_size, describe_model, freeze_blocks, make_model_config
+from supcon.checkpoint import rng_state, set_rng_state
+from supcon.config import to_yaml_dict
 from supcon.data import (
     EpochBatchSampler,
     EvalDataset,
@@ -47,26 +47,25 @@ from supcon.data import (
     report_bad_images,
     scan_image_folder,
 )
+from supcon.engine import EpochEnd, RunEngine, default_precision, exit_code
 from supcon.errors import UserError
-from supcon.rundir import BAD_IMAGES_FILE, default_run_dir, has_run_content, open_run_outputs, read_config
-from supcon.train import (
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    StopFlag,
-    broadcast_from_main,
-    default_precision,
-    format_duration,
-    make_accelerator,
-    package_versions,
+from supcon.rundir import (
+    BAD_IMAGES_FILE,
+    BASELINE_KIND,
+    BEST,
+    LAST,
+    baseline_checkpoint,
+    find_split_folder,
+    load_baseline_checkpoint,
+    make_run_info,
 )
 
 logger = logging.getLogger(__name__)
 
-BASELINE_FORMAT = "supcon-baseline-checkpoint"
-BASELINE_VERSION = 1
-BEST = "best.pth"
 METRIC_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_f1", "lr",
                  "best", "images_per_s", "epoch_seconds"]
+TENSORBOARD_TAGS = {key: key.replace("_", "/", 1) for key in
+                    ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_f1", "lr")}
 
 
 class NonFiniteLoss(UserError):
@@ -125,11 +124,11 @@ def train_one_epoch(
     accelerator: Accelerator,
     epoch: int,
     *,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: Callable[[int], bool] = lambda step: False,
     progress=None,
 ) -> dict[str, float] | None:
     """Train one epoch (0-based ``epoch``); returns ``loss`` (incl. auxiliary terms), ``accuracy``,
-    ``images`` and ``seconds`` over all processes, or None when ``should_stop()`` cut it short.
+    ``images`` and ``seconds`` over all processes, or None when ``should_stop(step)`` cut it short.
 
     Raises:
         UserError: the loss became NaN or infinite.
@@ -159,7 +158,7 @@ def train_one_epoch(
             if step % 10 == 0:
                 progress.set_postfix(loss=f"{loss_sum.item() / seen.item():.4f}",
                                      acc=f"{correct.item() / seen.item():.3f}")
-        if should_stop() and step + 1 < len(loader):  # a finished epoch is kept
+        if should_stop(step) and step + 1 < len(loader):  # a finished epoch is kept
             return None
     totals = torch.stack([loss_sum, correct.double(), seen.double()])
     if accelerator.num_processes > 1:
@@ -234,26 +233,12 @@ class BaselineResult:
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted_by is None:
-            return 0
-        return EXIT_SIGINT if self.interrupted_by == signal.SIGINT else EXIT_SIGTERM
-
-
-def load_baseline_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load (``weights_only``) and sanity-check a baseline checkpoint.
-
-    Raises:
-        UserError: missing, unsafe or corrupt file, or not written by baseline-train.
-    """
-    state = safe_load(path)
-    if not isinstance(state, dict) or state.get("format") != BASELINE_FORMAT:
-        raise UserError(f"{path} is not a baseline-train checkpoint (no 'format: {BASELINE_FORMAT}' entry)")
-    return state
+        return exit_code(self.interrupted_by)
 
 
 @dataclass
 class PreparedData:
-    """The checked images of a run: class names, train and val samples, and where they came from."""
+    """The checked images of a run: class names, train and val samples, where they came from, mean/std."""
 
     classes: list[str]
     train_samples: list[tuple[str, int]]
@@ -263,17 +248,26 @@ class PreparedData:
     val_split: dict[str, Any] | None
     test_folder: str | None
     bad_images: int
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
-def prepare_data(config: BaselineConfig, accelerator: Accelerator, progress: bool,
-                 run_dir: Path | None = None) -> PreparedData:
-    """Scan and check the folders, split off validation if needed, and fill in mean/std.
+def _scan_same_classes(folder: str, what: str, classes: list[str], allow_split_names: bool = False):
+    index = scan_image_folder(folder, what, allow_split_names=allow_split_names)
+    if index.classes != classes:
+        raise UserError(f"class names differ between the data folder {classes} and the {what} {index.classes}")
+    return index
+
+
+def prepare_data(config: BaselineConfig, engine: RunEngine, list_dir: Path | None = None) -> PreparedData:
+    """Scan and check the folders, split off validation if needed, and compute mean/std if not given.
 
     Val folder: ``--val-folder``, else a sibling ``val`` of the data folder, else a stratified
     ``--val-split`` of the data folder (seeded by ``--split-seed``). Test folder (recorded for
-    check-accuracies): ``--test-folder`` (checked now), else a sibling ``test`` if there is one.
-    Mean/std, when not given, are computed on the training part only. Unreadable images are all
-    listed in ``run_dir/bad_images.txt`` when ``run_dir`` is given.
+    check-accuracies): ``--test-folder`` (checked now), else a sibling ``test`` if there is one
+    (:func:`supcon.rundir.find_split_folder`). Mean/std, when not given, are computed on the
+    training part only. Unreadable images are all listed in ``bad_images.txt`` of ``list_dir``
+    [default: the engine's run directory].
 
     Raises:
         UserError: a missing or empty folder, < 2 classes, an empty class, class names that differ
@@ -281,84 +275,45 @@ def prepare_data(config: BaselineConfig, accelerator: Accelerator, progress: boo
     """
     allow = config.allow_split_class_names
     index = scan_image_folder(config.data_folder, "data folder", allow_split_names=allow)
-    data_folder = Path(index.root).resolve()
-    val_folder = config.val_folder
-    if val_folder is None and (data_folder.parent / "val").is_dir():
-        val_folder = str(data_folder.parent / "val")
+    data_folder = str(Path(index.root).resolve())
+    val_folder = find_split_folder("val", config.val_folder, data_folder)
     val_split = None
     if val_folder:
-        val_index = scan_image_folder(val_folder, "val folder", allow_split_names=allow)
-        if val_index.classes != index.classes:
-            raise UserError(f"class names differ between the data folder {index.classes} and the val folder "
-                            f"{val_index.classes}")
+        val_index = _scan_same_classes(val_folder, "val folder", index.classes, allow)
         train_samples, val_samples = index.samples, val_index.samples
-        val_folder = str(Path(val_index.root).resolve())
     else:
         train_samples, val_samples = stratified_split(index.samples, config.val_split, config.split_seed, index.classes)
         val_split = {"fraction": config.val_split, "seed": config.split_seed}
-    test_folder = config.test_folder
-    if test_folder:
-        test_index = scan_image_folder(test_folder, "test folder", allow_split_names=allow)
-        if test_index.classes != index.classes:
-            raise UserError(f"class names differ between the data folder {index.classes} and the test folder "
-                            f"{test_index.classes}")
-        test_folder = str(Path(test_index.root).resolve())
-    elif (data_folder.parent / "test").is_dir():
-        test_folder = str(data_folder.parent / "test")
+    if config.test_folder:
+        _scan_same_classes(config.test_folder, "test folder", index.classes, allow)
+    test_folder = find_split_folder("test", config.test_folder, data_folder)
 
     need_stats = config.mean is None
     checks = None
-    if accelerator.is_main_process:
+    if engine.is_main:
         desc = "checking images, computing mean/std" if need_stats else "checking images"
-        checks = (check_images([p for p, _ in train_samples], need_stats, config.num_workers, progress, desc),
-                  check_images([p for p, _ in val_samples], False, config.num_workers, progress, "checking val images"))
-    train_check, val_check = broadcast_from_main(checks, accelerator)
+        checks = (check_images([p for p, _ in train_samples], need_stats, config.num_workers, engine.progress, desc),
+                  check_images([p for p, _ in val_samples], False, config.num_workers, engine.progress,
+                               "checking val images"))
+    train_check, val_check = engine.broadcast(checks)
     bad = train_check.bad + val_check.bad
-    report_bad_images(bad, config.skip_bad_images, run_dir / BAD_IMAGES_FILE if run_dir else None,
-                      write_list=accelerator.is_main_process)
+    list_dir = list_dir or engine.run_dir
+    report_bad_images(bad, config.skip_bad_images, list_dir / BAD_IMAGES_FILE if list_dir else None,
+                      write_list=engine.is_main)
     bad_paths = {p for p, _ in bad}
     train_samples = [s for s in train_samples if s[0] not in bad_paths]
     val_samples = [s for s in val_samples if s[0] not in bad_paths]
     if not val_samples:
         raise UserError("no readable validation images are left")
     if need_stats:
-        config.mean, config.std = train_check.mean, train_check.std
-        logger.info("mean %s, std %s computed from %d training images", config.mean, config.std, len(train_samples))
+        logger.info("mean %s, std %s computed from %d training images", train_check.mean, train_check.std,
+                    len(train_samples))
     if val_split is not None:
         val_split.update(num_train=len(train_samples), num_val=len(val_samples))
         logger.info("no val folder: %d images (%.0f%% of each class, --split-seed %d) held out for validation, "
                     "%d for training", len(val_samples), 100 * config.val_split, config.split_seed, len(train_samples))
-    return PreparedData(index.classes, train_samples, val_samples, str(data_folder), val_folder, val_split,
-                        test_folder, len(bad))
-
-
-def _resolve_run_dir(config: BaselineConfig) -> Path:
-    if config.resume and not config.run_dir:
-        raise UserError("--resume needs --run-dir (the run to continue)")
-    if config.run_dir:
-        return Path(config.run_dir)
-    holder = [str(default_run_dir(f"{config.model}_baseline", config.batch_size))]
-    broadcast_object_list(holder)  # every process uses the main process's timestamp
-    return Path(holder[0])
-
-
-def _check_existing_run(run_dir: Path, config: BaselineConfig) -> dict[str, Any] | None:
-    """The state to resume from (or None); refuses to overwrite a run or resume a different one."""
-    if not config.resume:
-        if has_run_content(run_dir):
-            raise UserError(f"run dir {run_dir} already exists and is not empty; pass --resume to continue it, "
-                            "or choose another --run-dir")
-        return None
-    if (run_dir / "config.yaml").is_file():
-        stored = {k: v for k, v in read_config(run_dir).items() if k != "run_info"}
-        requested = to_yaml_dict(config)
-        diffs = config_differences(stored, requested, ignore=RUNTIME_KEYS)
-        if diffs:
-            details = ", ".join(f"{k}: run has {stored.get(k)!r}, now {requested.get(k)!r}" for k in diffs[:4])
-            raise UserError(f"run dir {run_dir} was started with a different configuration ({details})")
-    if not (run_dir / LAST).is_file():
-        return None
-    return load_baseline_checkpoint(run_dir / LAST)
+    return PreparedData(index.classes, train_samples, val_samples, data_folder, val_folder, val_split, test_folder,
+                        len(bad), train_check.mean, train_check.std)
 
 
 def _result_from_state(run_dir: Path, state: dict[str, Any]) -> BaselineResult:
@@ -367,234 +322,208 @@ def _result_from_state(run_dir: Path, state: dict[str, Any]) -> BaselineResult:
                           stopped_early=bool(state.get("stopped_early")))
 
 
+class BaselineTrainer:
+    """The baseline's part of a run: the classifier step, validation, early stopping, ``best.pth``.
+
+    Args:
+        engine: the run's engine.
+        config: the resolved config (precision, mean/std, head filled in).
+        data: the checked images.
+        model_config: :func:`supcon.baseline.models.make_model_config`'s.
+        fresh: a new run (ImageNet or file weights are loaded; a resumed run loads its own).
+    """
+
+    def __init__(self, engine: RunEngine, config: BaselineConfig, data: PreparedData, model_config: dict[str, Any],
+                 fresh: bool):
+        self.engine, self.config, self.data, self.model_config = engine, config, data, model_config
+        self.accelerator = engine.accelerator
+        self.global_batch = config.batch_size * engine.world
+        self.steps_per_epoch = len(data.train_samples) // self.global_batch
+        self.options = {**to_yaml_dict(config), "run_dir": str(engine.run_dir)}
+        set_seed(config.seed)
+        model = build_classifier(model_config, pretrained=config.pretrained and fresh,
+                            pretrained_file=config.pretrained_file if fresh else None)
+        check_input_size(model, config.size)
+        self.frozen = freeze_blocks(model, config.freeze)
+        if self.frozen:
+            logger.info("frozen (BatchNorm statistics still update): %d blocks, %s ... %s", len(self.frozen),
+                        self.frozen[0], self.frozen[-1])
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        self.scheduler = make_scheduler(optimizer, config)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.loss_fn = ClassifierLoss(config.loss, config.aux_weight)
+        self.stopper = EarlyStopping(config.patience, "min" if config.monitor == "val_loss" else "max")
+        self.best_metrics: dict[str, float | None] = {}
+        self.description = describe_model(model_config, config.pretrained or bool(config.pretrained_file),
+                                          config.freeze)
+        self.lr = config.learning_rate
+
+    def load(self, state: dict[str, Any]) -> int:
+        """Restore a ``last.pth``; returns the number of finished epochs."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.backbone.load_state_dict(state["encoder"])
+        unwrapped.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.best_metrics = {"accuracy": state.get("best_val_accuracy"), "loss": state.get("best_val_loss")}
+        return int(state["epoch"])
+
+    def run_info(self) -> dict[str, Any]:
+        data, config = self.data, self.config
+        return make_run_info(
+            BASELINE_KIND, class_names=data.classes, data_folder=data.data_folder, val_folder=data.val_folder,
+            model_config=self.model_config, num_processes=self.engine.world, global_batch=self.global_batch,
+            steps_per_epoch=self.steps_per_epoch, bad_images_skipped=data.bad_images, device=self.engine.device_name,
+            description=self.description, val_split=data.val_split, test_folder=data.test_folder,
+            mean=list(config.mean), std=list(config.std), size=config.size, frozen_blocks=self.frozen,
+            num_train_images=len(data.train_samples), num_val_images=len(data.val_samples))
+
+    def make_loaders(self) -> None:
+        config, pin = self.config, self.engine.on_gpu
+        dataset = AugmentedDataset(self.data.train_samples, train_transform(config.augment, config.size, config.mean,
+                                                                           config.std), seed=config.seed)
+        self.sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed,
+                                         self.accelerator.process_index, self.engine.world)
+        # Own generators: starting worker processes must not draw from the global RNG, which the model's
+        # dropout/DropBlock use (a resumed run starts its workers at another epoch than an uninterrupted one).
+        self.loader = make_loader(dataset, config.num_workers, pin, batch_sampler=self.sampler,
+                                  generator=torch.Generator().manual_seed(config.seed))
+        val_dataset = EvalDataset(self.data.val_samples, eval_transform(config.size, config.mean, config.std))
+        self.val_loader = self.accelerator.prepare(make_loader(
+            val_dataset, config.num_workers, pin, batch_size=max(2 * config.batch_size, 64),
+            generator=torch.Generator().manual_seed(config.seed)))
+
+    def train_epoch(self, epoch: int, should_stop: Callable[[int], bool], progress) -> dict[str, float] | None:
+        self.sampler.set_epoch(epoch)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        return train_one_epoch(self.model, self.loss_fn, self.loader, self.optimizer, self.accelerator, epoch,
+                               should_stop=should_stop, progress=progress)
+
+    def stopped_mid_epoch(self, epoch: int) -> tuple[dict[str, dict[str, Any]], str]:
+        run_dir = self.engine.run_dir
+        return {}, (f"interrupted in epoch {epoch + 1}; {run_dir / LAST} holds the {epoch} finished epochs; continue "
+                    f"with --resume --run-dir {run_dir} (epoch {epoch + 1} is redone)")
+
+    def end_epoch(self, epoch_done: int, stats: dict[str, float]) -> EpochEnd:
+        config = self.config
+        val = evaluate(self.model, self.loss_fn, self.val_loader, self.accelerator)
+        monitored = val[config.monitor.removeprefix("val_")]
+        improved = self.stopper.update(epoch_done, monitored)
+        if improved:
+            self.best_metrics = {"accuracy": val["accuracy"], "loss": val["loss"]}
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(monitored)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        row = {"epoch": epoch_done, "train_loss": round(stats["loss"], 6),
+               "train_accuracy": round(stats["accuracy"], 6), "val_loss": round(val["loss"], 6),
+               "val_accuracy": round(val["accuracy"], 6), "val_auc": _round_or_none(val["auc"]),
+               "val_f1": round(val["f1"], 6), "lr": self.lr, "best": int(improved),
+               "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 2),
+               "epoch_seconds": round(stats["seconds"], 3)}
+        files = {LAST: self.checkpoint(epoch_done, **self._resume_state(epoch_done))}
+        if improved:
+            files = {BEST: self.checkpoint(epoch_done, val_accuracy=val["accuracy"], val_loss=val["loss"]), **files}
+        auc_text = f" auc {val['auc']:.4f}" if not math.isnan(val["auc"]) else ""
+        summary = (f"loss {stats['loss']:.4f} acc {stats['accuracy']:.4f} | val loss {val['loss']:.4f} acc "
+                   f"{val['accuracy']:.4f}{auc_text} f1 {val['f1']:.4f}{' (best)' if improved else ''} | "
+                   f"lr {self.lr:.3g} {stats['seconds']:.1f}s")
+        end_reason = None
+        if self.stopper.should_stop:
+            end_reason = (f"early stopping: no improvement of {config.monitor} for {config.patience} epochs "
+                          f"(best epoch {self.stopper.best_epoch})")
+        return EpochEnd(row, summary, files, end_reason)
+
+    def _resume_state(self, epoch_done: int) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
+                "early_stopping": self.stopper.state_dict(),
+                "finished": epoch_done == self.config.epochs or self.stopper.should_stop,
+                "stopped_early": self.stopper.should_stop}
+
+    def checkpoint(self, epoch_done: int, **extra) -> dict[str, Any]:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        best = {"best_epoch": self.stopper.best_epoch, "best_val_accuracy": self.best_metrics.get("accuracy"),
+                "best_val_loss": self.best_metrics.get("loss"), "monitor": self.config.monitor}
+        return baseline_checkpoint(
+            model_config=self.model_config, description=self.description, encoder=unwrapped.backbone.state_dict(),
+            head=unwrapped.head.state_dict(), epoch=epoch_done, config=self.options, class_names=self.data.classes,
+            mean=self.config.mean, std=self.config.std, size=self.config.size, best=best, **extra)
+
+
+def _start(config: BaselineConfig, progress: bool) -> tuple[BaselineConfig, RunEngine, dict[str, Any] | None, str]:
+    """Validate, open the run directory and refuse or resume; returns the config with its precision."""
+    config = replace(config)
+    config.validate()
+    config = replace(config, precision=config.precision or default_precision())
+    engine = RunEngine(config.precision, progress)
+    engine.choose_run_dir(config.run_dir, config.resume, f"{config.model}_baseline", config.batch_size)
+    recorded = engine.open_existing(config.resume)
+    global_batch = config.batch_size * engine.world
+    engine.refuse_changes(recorded, to_yaml_dict(config), RUNTIME_KEYS, global_batch, config.batch_size)
+    if recorded is not None and config.mean is None:
+        config = replace(config, mean=recorded.options.get("mean"), std=recorded.options.get("std"))
+    return config, engine, engine.last_state(load_baseline_checkpoint), str(engine.run_dir)
+
+
 def train(config: BaselineConfig, progress: bool = True, data: PreparedData | None = None) -> BaselineResult:
     """Train (or resume) one supervised baseline as configured; returns where and how it ended.
 
     ``data``: the folders already checked by :func:`prepare_data` for this config's folders (the grid
-    checks them once for all its runs; ``config.mean``/``std`` must then be set).
+    checks them once for all its runs).
 
     Raises:
         UserError: bad input (paths, images, options, model) or a conflicting run directory, before
             anything is written; a non-finite loss during training.
     """
-    from tqdm.auto import tqdm
-
-    config = replace(config)
-    config.validate()
-    if config.precision is None:
-        config.precision = default_precision()
-    accelerator = make_accelerator(config.precision)
-    is_main = accelerator.is_main_process
-    global_batch = config.batch_size * accelerator.num_processes
-
-    # 1. Everything that can fail on bad input, before anything is written.
-    run_dir = _resolve_run_dir(config)
-    resume_state = _check_existing_run(run_dir, config)
+    config, engine, resume_state, run_dir = _start(config, progress)
+    run_dir = Path(run_dir)
     if resume_state is not None and resume_state.get("finished"):
-        logger.info("run %s already finished (%d epochs, best epoch %d); nothing to do", run_dir,
-                    resume_state["epoch"], resume_state["best_epoch"])
+        logger.info("run %s is finished (%d epochs, best epoch %d): nothing to train; check-accuracies tests its "
+                    "%s. To train longer, start a new run", run_dir, resume_state["epoch"],
+                    resume_state["best_epoch"], BEST)
         return _result_from_state(run_dir, resume_state)
     make_model_config(config.model, 2, "ce", config.head, config.head_hidden, config.small_input)  # name, head
     if config.pretrained_file and resume_state is None and not Path(config.pretrained_file).is_file():
         raise UserError(f"--pretrained-file not found: {config.pretrained_file}")
-    if resume_state is not None and config.mean is None:
-        config.mean, config.std = resume_state["mean"], resume_state["std"]
-    if data is None:
-        data = prepare_data(config, accelerator, progress, run_dir)
-    num_classes = len(data.classes)
-    if config.loss == "bce" and num_classes != 2:
-        raise UserError(f"--loss bce (one logit) needs exactly 2 classes, the data folder has {num_classes}; use ce")
-    steps_per_epoch = len(data.train_samples) // global_batch
-    if steps_per_epoch == 0:
+    data = data or prepare_data(config, engine)
+    if config.mean is None:
+        config = replace(config, mean=data.mean, std=data.std)
+    if config.loss == "bce" and len(data.classes) != 2:
+        raise UserError(f"--loss bce (one logit) needs exactly 2 classes, the data folder has {len(data.classes)}; "
+                        "use ce")
+    if len(data.train_samples) < config.batch_size * engine.world:
         raise UserError(f"the training part has {len(data.train_samples)} images, fewer than one batch of "
-                        f"{global_batch}; lower --batch-size")
-    model_config = make_model_config(config.model, num_classes, config.loss, config.head, config.head_hidden,
+                        f"{config.batch_size * engine.world}; lower --batch-size")
+    model_config = make_model_config(config.model, len(data.classes), config.loss, config.head, config.head_hidden,
                                      config.small_input)
-    config.head, config.head_hidden = model_config["head"], model_config["head_hidden"]
-    set_seed(config.seed)
-    fresh = resume_state is None
-    model = build_model(model_config, pretrained=config.pretrained and fresh,
-                        pretrained_file=config.pretrained_file if fresh else None)
-    check_input_size(model, config.size)
-    frozen = freeze_blocks(model, config.freeze)
-    if frozen:
-        logger.info("frozen (BatchNorm statistics still update): %d blocks, %s ... %s", len(frozen), frozen[0],
-                    frozen[-1])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, config)
-    scheduler = make_scheduler(optimizer, config)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = ClassifierLoss(config.loss, config.aux_weight)
-    stopper = EarlyStopping(config.patience, "min" if config.monitor == "val_loss" else "max")
-    best_metrics: dict[str, float] = {}
-
-    start_epoch = 0
-    if resume_state is not None:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.backbone.load_state_dict(resume_state["encoder"])
-        unwrapped.head.load_state_dict(resume_state["head"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume_state["scheduler"])
-        if resume_state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(resume_state["scaler"])
-        set_rng_state(resume_state["rng"])
-        stopper.load_state_dict(resume_state["early_stopping"])
-        best_metrics = {"accuracy": resume_state.get("best_val_accuracy"), "loss": resume_state.get("best_val_loss")}
-        start_epoch = int(resume_state["epoch"])
-        logger.info("resuming %s after epoch %d", run_dir, start_epoch)
-
-    description = describe_model(model_config, config.pretrained or bool(config.pretrained_file), config.freeze)
-    run_info = {
-        "kind": "baseline",
-        "description": description,
-        "class_names": data.classes,
-        "num_classes": num_classes,
-        "data_folder": data.data_folder,
-        "val_folder": data.val_folder,
-        "val_split": data.val_split,
-        "test_folder": data.test_folder,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "size": config.size,
-        "model_config": model_config,
-        "frozen_blocks": frozen,
-        "num_train_images": len(data.train_samples),
-        "num_val_images": len(data.val_samples),
-        "bad_images_skipped": data.bad_images,
-        "num_processes": accelerator.num_processes,
-        "global_batch": global_batch,
-        "steps_per_epoch": steps_per_epoch,
-        "device": str(accelerator.device),
-        "versions": package_versions(),
-    }
-    resolved = to_yaml_dict(config)
-    resolved["run_dir"] = str(run_dir)
-    metrics_csv, writer = open_run_outputs(run_dir, resolved, run_info, METRIC_FIELDS, start_epoch, is_main)
-    accelerator.wait_for_everyone()
-
-    # 2. Data.
-    pin = accelerator.device.type == "cuda"
-    train_dataset = AugmentedDataset(data.train_samples, train_transform(config.augment, config.size, config.mean,
-                                                                         config.std), seed=config.seed)
-    sampler = EpochBatchSampler(len(train_dataset), config.batch_size, config.seed, accelerator.process_index,
-                                accelerator.num_processes)
-    # Own generators: starting worker processes must not draw from the global RNG, which the model's
-    # dropout/DropBlock use (a resumed run starts its workers at another epoch than an uninterrupted one).
-    loader = make_loader(train_dataset, config.num_workers, pin, batch_sampler=sampler,
-                         generator=torch.Generator().manual_seed(config.seed))
-    val_dataset = EvalDataset(data.val_samples, eval_transform(config.size, config.mean, config.std))
-    val_loader = accelerator.prepare(make_loader(val_dataset, config.num_workers, pin,
-                                                 batch_size=max(2 * config.batch_size, 64),
-                                                 generator=torch.Generator().manual_seed(config.seed)))
-
-    def checkpoint(epoch_done: int, **extra) -> bytes:
-        unwrapped = accelerator.unwrap_model(model)
-        state = {
-            "format": BASELINE_FORMAT,
-            "version": BASELINE_VERSION,
-            "kind": "baseline",
-            "model_config": model_config,
-            "description": description,
-            "encoder": unwrapped.backbone.state_dict(),
-            "head": unwrapped.head.state_dict(),
-            "class_names": data.classes,
-            "mean": list(config.mean),
-            "std": list(config.std),
-            "size": config.size,
-            "epoch": epoch_done,
-            "best_epoch": stopper.best_epoch,
-            "best_val_accuracy": best_metrics.get("accuracy"),
-            "best_val_loss": best_metrics.get("loss"),
-            "monitor": config.monitor,
-            "config": resolved,
-            **extra,
-        }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        return buffer.getvalue()
-
-    stop = StopFlag()
-    stop.install()
-    result = BaselineResult(run_dir=run_dir, epochs_done=start_epoch, best_epoch=stopper.best_epoch,
-                            best_val_accuracy=best_metrics.get("accuracy"), best_val_loss=best_metrics.get("loss"))
-    session_start, session_epochs = time.perf_counter(), 0
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            sampler.set_epoch(epoch)
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                       disable=not (progress and is_main), dynamic_ncols=True)
-            lr = optimizer.param_groups[0]["lr"]
-            train_stats = train_one_epoch(model, loss_fn, loader, optimizer, accelerator, epoch,
-                                          should_stop=lambda: bool(stop), progress=bar)
-            bar.close()
-            if train_stats is None:
-                result.interrupted_by = stop.signal
-                logger.warning("interrupted in epoch %d; %s holds epoch %d; continue with --resume --run-dir %s "
-                               "(the epoch is redone)", epoch + 1, run_dir / LAST, start_epoch + session_epochs,
-                               run_dir)
-                return result
-            val = evaluate(model, loss_fn, val_loader, accelerator)
-            epoch_done = epoch + 1
-            improved = stopper.update(epoch_done, val[config.monitor.removeprefix("val_")])
-            if improved:
-                best_metrics = {"accuracy": val["accuracy"], "loss": val["loss"]}
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val[config.monitor.removeprefix("val_")])
-            elif scheduler is not None:
-                scheduler.step()
-            row = {"epoch": epoch_done, "train_loss": round(train_stats["loss"], 6),
-                   "train_accuracy": round(train_stats["accuracy"], 6), "val_loss": round(val["loss"], 6),
-                   "val_accuracy": round(val["accuracy"], 6), "val_auc": _round_or_none(val["auc"]),
-                   "val_f1": round(val["f1"], 6), "lr": lr, "best": int(improved),
-                   "images_per_s": round(train_stats["images"] / max(train_stats["seconds"], 1e-9), 2),
-                   "epoch_seconds": round(train_stats["seconds"], 3)}
-            result.history.append(row)
-            finished = epoch_done == config.epochs or stopper.should_stop
-            if is_main:
-                metrics_csv.append(row)
-                for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_f1", "lr"):
-                    if row[key] is not None:
-                        writer.add_scalar(key.replace("_", "/", 1), row[key], epoch_done)
-                writer.flush()
-                if improved:
-                    atomic_write_bytes(checkpoint(epoch_done, val_accuracy=val["accuracy"], val_loss=val["loss"]),
-                                       run_dir / BEST)
-                atomic_write_bytes(checkpoint(
-                    epoch_done, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict() if scheduler is not None else None,
-                    scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                    rng=rng_state(), early_stopping=stopper.state_dict(), finished=finished,
-                    stopped_early=stopper.should_stop,
-                ), run_dir / LAST)
-            accelerator.wait_for_everyone()
-            result.epochs_done = epoch_done
-            result.best_epoch = stopper.best_epoch
-            result.best_val_accuracy, result.best_val_loss = best_metrics.get("accuracy"), best_metrics.get("loss")
-            session_epochs += 1
-            eta = (time.perf_counter() - session_start) / session_epochs * (config.epochs - epoch_done)
-            auc_text = f" auc {val['auc']:.4f}" if not math.isnan(val["auc"]) else ""
-            logger.info("epoch %d/%d loss %.4f acc %.4f | val loss %.4f acc %.4f%s f1 %.4f%s | lr %.3g %.1fs ETA %s",
-                        epoch_done, config.epochs, train_stats["loss"], train_stats["accuracy"], val["loss"],
-                        val["accuracy"], auc_text, val["f1"], " (best)" if improved else "", lr,
-                        train_stats["seconds"], format_duration(eta))
-            if stopper.should_stop:
-                result.stopped_early = True
-                logger.info("early stopping: no improvement of %s for %d epochs (best epoch %d)", config.monitor,
-                            config.patience, stopper.best_epoch)
-                break
-            if stop and not finished:
-                result.interrupted_by = stop.signal
-                logger.warning("interrupted after epoch %d; continue with --resume --run-dir %s", epoch_done, run_dir)
-                return result
-        if result.best_epoch:
-            logger.info("best epoch %d: val accuracy %.4f, val loss %.4f; weights in %s", result.best_epoch,
-                        result.best_val_accuracy, result.best_val_loss, run_dir / BEST)
-        return result
-    finally:
-        stop.restore()
-        if writer is not None:
-            writer.close()
+    config = replace(config, head=model_config["head"], head_hidden=model_config["head_hidden"])
+    trainer = BaselineTrainer(engine, config, data, model_config, fresh=resume_state is None)
+    start_epoch = trainer.load(resume_state) if resume_state is not None else 0
+    if start_epoch:
+        logger.info("resuming %s at epoch %d (%d of %d epochs done)", run_dir, start_epoch + 1, start_epoch,
+                    config.epochs)
+    engine.open_sinks(trainer.options, trainer.run_info(), METRIC_FIELDS, TENSORBOARD_TAGS, start_epoch)
+    trainer.make_loaders()
+    outcome = engine.run_epochs(trainer, start_epoch, config.epochs, steps_per_epoch=trainer.steps_per_epoch)
+    best = trainer.best_metrics
+    result = BaselineResult(run_dir=run_dir, epochs_done=outcome.epochs_done, best_epoch=trainer.stopper.best_epoch,
+                            best_val_accuracy=best.get("accuracy"), best_val_loss=best.get("loss"),
+                            stopped_early=outcome.end_reason is not None, interrupted_by=outcome.interrupted_by,
+                            history=outcome.history)
+    if outcome.end_reason:
+        logger.info("%s", outcome.end_reason)
+    if result.best_epoch and result.interrupted_by is None:
+        logger.info("best epoch %d: val accuracy %.4f, val loss %.4f; weights in %s", result.best_epoch,
+                    result.best_val_accuracy, result.best_val_loss, run_dir / BEST)
+    return result
 
 
 def _round_or_none(value: float) -> float | None:
