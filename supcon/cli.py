@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
+from supcon.cli_utils import (
+    OneLineErrorCommand,
+    image_check_options,
+    resolve_command_config,
+    setup_logging,
+    show_progress,
+)
 from supcon.config import TrainConfig
 
 D = TrainConfig()
@@ -81,10 +87,7 @@ D = TrainConfig()
 @click.option("--run-dir", "--run_dir", "run_dir", type=str,
               help="[default: runs/<model>_bs<batch>_<timestamp>]")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pth (starts it if new).")
-@click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
-@click.option("--allow-split-class-names", is_flag=True,
-              help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose "
-                   "classes really have those names; otherwise a dataset root given as an image folder is refused.")
+@image_check_options
 @click.option("--knn-every", type=int, default=D.knn_every, show_default=True,
               help="Run the kNN monitor every N epochs (0: off).")
 @click.option("--knn-k", type=int, default=D.knn_k, show_default=True, help="Neighbours of the kNN monitor.")

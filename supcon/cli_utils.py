@@ -33,6 +33,17 @@ class OneLineErrorCommand(click.Command):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+def image_check_options(command):
+    """The image-folder checks both trainers share: ``--skip-bad-images`` and ``--allow-split-class-names``."""
+    command = click.option(
+        "--allow-split-class-names", is_flag=True,
+        help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose classes "
+             "really have those names; otherwise a dataset root given as an image folder is refused.")(command)
+    return click.option("--skip-bad-images", is_flag=True,
+                        help="Skip unreadable images instead of stopping (all are listed in RUN/bad_images.txt)."
+                        )(command)
+
+
 def show_progress(quiet: bool, stream=None) -> bool:
     """Progress bars only for a person at a terminal: off with ``--quiet`` and when stderr is not a TTY.
 

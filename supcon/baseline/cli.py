@@ -6,7 +6,13 @@ import click
 
 from supcon.baseline.config import AUGMENTATIONS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
 from supcon.baseline.models import HEADS
-from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
+from supcon.cli_utils import (
+    OneLineErrorCommand,
+    image_check_options,
+    resolve_command_config,
+    setup_logging,
+    show_progress,
+)
 
 D = BaselineConfig()
 
@@ -79,10 +85,7 @@ D = BaselineConfig()
 @click.option("--run-dir", "--run_dir", "run_dir", type=str,
               help="[default: runs/<model>_baseline_bs<batch>_<timestamp> (a grid: <model>_baseline_grid_...)]")
 @click.option("--resume", is_flag=True, help="Continue the run (or grid) in --run-dir (starts it if new).")
-@click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
-@click.option("--allow-split-class-names", is_flag=True,
-              help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose "
-                   "classes really have those names; otherwise a dataset root given as an image folder is refused.")
+@image_check_options
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML file of options (or a 'baseline:' section); the command line wins.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
