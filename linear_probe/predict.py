@@ -152,8 +152,8 @@ def predict_images(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLik
     """
     if not 0.0 <= threshold <= 1.0:
         raise UserError(f"--threshold must be within [0, 1], got {threshold}")
-    paths = collect_images(inputs)
     classifier = load_run_classifier(run_dir, checkpoint)
+    paths = collect_images(inputs)
     kept, probabilities, skipped = classify_paths(classifier, paths, resolve_device(device), batch_size,
                                                   num_workers, progress)
     for path, reason in skipped:
