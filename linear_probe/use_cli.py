@@ -74,5 +74,34 @@ def predict_command(run_dir: str, images: tuple[str, ...], out: str, checkpoint:
     return 0
 
 
+@click.command(cls=OneLineErrorCommand, context_settings=CONTEXT)
+@click.option("--run", "runs", multiple=True, required=True,
+              help="Run directory (repeatable); each gets RUN/report/index.html with the comparison of all.")
+@click.option("--val-folder", help="[default: sibling 'val' of each run's train folder, else the recorded one]")
+@click.option("--test-folder", help="[default: sibling 'test' of each run's train folder, else the recorded one]")
+@click.option("--earlier-checkpoints", type=int, default=3, show_default=True,
+              help="Earlier checkpoints whose val embeddings are mapped beside the selected one's.")
+@click.option("--feature-map-images", type=int, default=3, show_default=True,
+              help="Val images whose per-stage feature maps are shown.")
+@click.option("--cam-images", type=int, default=12, show_default=True,
+              help="Test images with Grad-CAM maps (the wrongly classified first).")
+@click.option("--max-map-points", type=int, default=2000, show_default=True,
+              help="At most this many val images in the embedding maps (a random subset beyond).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--num-workers", type=int, default=0, show_default=True, help="Data-loading processes.")
+@click.option("--device", default="auto", show_default=True, help="auto (GPU if any), cpu or cuda[:N].")
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def report_command(runs: tuple[str, ...], verbose: bool, **options):
+    """Write RUN/report/index.html: curves, probe accuracy, test metrics, embedding maps, feature maps, Grad-CAM."""
+    from linear_probe.run_report import ReportConfig, build_reports
+
+    setup_logging(verbose)
+    pages = build_reports(ReportConfig(runs=list(runs), **options))
+    for page in pages:
+        click.echo(f"report: {page}")
+    return 0
+
+
 export_main = export_command
 predict_main = predict_command
+report_main = report_command
