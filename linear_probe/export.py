@@ -157,7 +157,8 @@ def export_onnx(model: nn.Module, path: Path, size: int) -> float:
     model = model.eval()
     example = torch.randn(2, 3, size, size)
     torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["output"],
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, external_data=False, verbose=False)
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, external_data=False,
+                      verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0))  # another batch size
     with torch.no_grad():

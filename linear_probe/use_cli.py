@@ -24,8 +24,7 @@ CHECKPOINT_HELP = ("'selected' (the checkpoint + head check-accuracies selects, 
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 def export_command(run_dir: str, checkpoint: str, out_dir: str, onnx: bool, force: bool, verbose: bool):
     """Export a run's encoder and classifier as timm weights (safetensors) that load in plain timm."""
-    from linear_probe.export import timm_loading_call
-    from linear_probe.export import export_run
+    from linear_probe.export import export_run, timm_loading_call
 
     setup_logging(verbose)
     result = export_run(run_dir, out_dir, checkpoint, onnx=onnx, force=force)
