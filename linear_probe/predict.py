@@ -171,3 +171,9 @@ def write_predictions(predictions: Predictions, out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(predictions.to_csv(), out)
     return out
+
+
+if __name__ == "__main__":  # python -m linear_probe.predict (same as the predict command)
+    from linear_probe.use_cli import predict_main
+
+    predict_main()
