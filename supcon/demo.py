@@ -20,7 +20,6 @@ import click
 from supcon.cli_utils import OneLineErrorCommand, setup_logging
 from supcon.digits import export_digits
 
-
 #: Commands that also run as ``python -m MODULE`` (an install that predates their console scripts).
 _MODULES = {"supcon-export": "linear_probe.export", "predict": "linear_probe.predict",
             "supcon-report": "linear_probe.run_report"}
@@ -104,7 +103,8 @@ def demo_command(workdir: str, epochs: int, model: str, batch_size: int, size: i
     click.echo(f"Plots: {supcon_run / 'probe'} (probe accuracy over the loss), "
                f"{supcon_run} and {baseline_run} (confusion matrices)")
     click.echo(f"TensorBoard: tensorboard --logdir {runs}")
-    click.echo(f"Exported model: {export_dir} (model.safetensors, classifier/); predictions: {root / 'predictions.csv'}")
+    click.echo(f"Exported model: {export_dir} (model.safetensors, classifier/); "
+               f"predictions: {root / 'predictions.csv'}")
     click.echo(f"Report: {supcon_run / 'report' / 'index.html'} (and {baseline_run / 'report' / 'index.html'})")
 
 

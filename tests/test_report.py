@@ -57,30 +57,38 @@ def test_report_files_and_numbers(reported):
         assert "supcon_run" in text and baseline.name in text
 
 
+def render_in_chromium(chromium: str, page_file: Path, screenshot: Path) -> tuple[list[str], list[dict]]:
+    """Load a page in headless Chromium: ``(console errors / page errors / failed requests, image sizes)``."""
+    from playwright.sync_api import sync_playwright
+
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("requestfailed", lambda r: problems.append(f"request failed {r.url}"))
+        page.goto(page_file.as_uri(), wait_until="load")
+        sizes = page.evaluate("""() => Array.from(document.images).map(i => ({
+            alt: i.alt, natural: i.naturalWidth * i.naturalHeight, complete: i.complete,
+            shown: i.getBoundingClientRect().width * i.getBoundingClientRect().height}))""")
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    return problems, sizes
+
+
 def test_report_renders_in_headless_chromium(reported, tmp_path):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("no chromium on PATH (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     supcon, baseline, _ = reported
-    for page_file in (supcon / "report" / "index.html", baseline / "report" / "index.html"):
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            problems: list[str] = []
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("requestfailed", lambda r: problems.append(f"request failed {r.url}"))
-            page.goto(page_file.as_uri(), wait_until="load")
-            sizes = page.evaluate("""() => Array.from(document.images).map(i => ({
-                alt: i.alt, natural: i.naturalWidth * i.naturalHeight, complete: i.complete,
-                shown: i.getBoundingClientRect().width * i.getBoundingClientRect().height}))""")
-            page.screenshot(path=str(tmp_path / f"{page_file.parent.parent.name}.png"), full_page=True)
-            browser.close()
+    for run in (supcon, baseline):
+        problems, sizes = render_in_chromium(chromium, run / "report" / "index.html", tmp_path / f"{run.name}.png")
         assert problems == []
         assert len(sizes) >= 6
         assert all(s["complete"] and s["natural"] > 0 and s["shown"] > 0 for s in sizes), sizes
-    assert (tmp_path / f"{supcon.name}.png").stat().st_size > 10_000
+        assert (tmp_path / f"{run.name}.png").stat().st_size > 10_000
 
 
 def test_bad_inputs_one_line_errors(trained_run, reported, tmp_path):
