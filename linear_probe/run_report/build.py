@@ -401,12 +401,12 @@ def _build_one(test: _RunTest, tests: list[_RunTest], config: ReportConfig, devi
     out = run.run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     val = scan_checked(resolve_eval_folder(c, "val", config.val_folder), "val folder", c.class_names)
-    sections = [_config_section(run, c), _curves_section(test, out)]
+    # Results first (the comparison and the selected model's test metrics), then how they came about.
+    sections = [_comparison(tests, test), _test_section(test, out), _curves_section(test, out)]
     if c.kind != BASELINE_KIND:
         sections.append(_probe_section(test, out))
-    sections += [_test_section(test, out), _embedding_section(test, val, out, config, device),
-                 _feature_map_section(test, val, out, config), _cam_section(test, out, config),
-                 _comparison(tests, test)]
+    sections += [_embedding_section(test, val, out, config, device), _feature_map_section(test, val, out, config),
+                 _cam_section(test, out, config), _config_section(run, c)]
     subtitle = (f"{_run_label(c)} - {run.run_dir.resolve()} - selected {c.describe()} - written "
                 f"{time.strftime('%Y-%m-%d %H:%M')} by supcon-report")
     page = out / INDEX
