@@ -8,6 +8,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from PIL import Image
 
 from linear_probe.classifier import load_run_classifier
 from linear_probe.export import CLASSIFIER_DIR, SMALL_INPUT_RECIPE, WEIGHTS, export_run
@@ -15,6 +16,7 @@ from linear_probe.heads import load_head_records
 from linear_probe.select import select_best
 from linear_probe.use_cli import export_command
 from supcon.checkpoint import load_checkpoint
+from supcon.data import eval_transform
 from supcon.models import build_encoder
 from tests.probe_helpers import copy_run, invoke, one_line_error, probed_run, snapshot
 from tests.use_helpers import binary_baseline_run, plain_stem_probed_run
@@ -45,7 +47,7 @@ def our_pipeline(run, record):
     return encoder.eval(), head.eval()
 
 
-def test_plain_timm_loads_features_and_logits(plain_run, tmp_path):
+def test_plain_timm_loads_features_and_logits(plain_run, train_folder, tmp_path):
     result = invoke(export_command, ["--run", plain_run, "--out", tmp_path / "export"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "export"
@@ -76,6 +78,14 @@ def test_plain_timm_loads_features_and_logits(plain_run, tmp_path):
     with torch.no_grad():
         assert (local(x) - logits).abs().max().item() <= 1e-5
     assert "pretrained_cfg_overlay=dict(file=" in result.output
+
+    # timm's own eval transform from the exported config is the run's eval transform
+    image_path = next((train_folder / "cat").iterdir())
+    timm_transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=local))
+    state = load_checkpoint(plain_run / best.checkpoint)
+    ours = eval_transform(32, state["mean"], state["std"])
+    image = Image.open(image_path).convert("RGB").resize((40, 48))  # not square, not the model's size
+    assert torch.allclose(timm_transform(image), ours(image), atol=1e-6)
 
 
 def test_small_input_stem_recipe_gives_the_same_features(small_input_run, tmp_path):
