@@ -100,7 +100,7 @@ def timm_classifier_model(classifier: RunClassifier) -> nn.Module:
 
 def _hub_config(classifier: RunClassifier, num_classes: int, num_features: int) -> dict[str, Any]:
     """timm's hub ``config.json`` (so ``local-dir:`` loading works) plus our provenance."""
-    pretrained_cfg = dict(timm.create_model(classifier.model_name, pretrained=False).pretrained_cfg)
+    pretrained_cfg = dict(getattr(classifier.network.encoder, "pretrained_cfg", None) or {})
     for key in ("hf_hub_id", "url", "file", "source", "tag", "license", "paper_ids", "origin_url", "description",
                 "notes", "state_dict", "hf_hub_filename"):
         pretrained_cfg.pop(key, None)
@@ -113,13 +113,15 @@ def _hub_config(classifier: RunClassifier, num_classes: int, num_features: int) 
         "architecture": classifier.model_name, "num_classes": num_classes, "num_features": num_features,
         "pretrained_cfg": pretrained_cfg,
     }
-    if num_classes:
+    if num_classes == len(classifier.class_names):
         config["label_names"] = list(classifier.class_names)
     config["supcon_export"] = {
         "model": classifier.model_name,
         "num_classes": num_classes,
         "class_names": list(classifier.class_names),
         "positive_class": classifier.class_names[1] if len(classifier.class_names) == 2 else None,
+        "output": ("features" if not num_classes else "one logit: sigmoid = probability of the positive class"
+                   if classifier.single_logit else "logits: softmax = class probabilities"),
         "input_size": classifier.size,
         "mean": classifier.mean,
         "std": classifier.std,

@@ -364,8 +364,8 @@ def _feature_map_section(test: _RunTest, val: ImageFolderIndex, out: Path, confi
         files.append((png, f"val image {Path(path).name}, class {c.class_names[label]}"))
     section.figures(files)
     section.text("Rows: the encoder's stages (name, channels x height x width); first column the input, then the "
-                 "mean over all channels, then the channels with the highest mean activation, on one colour scale per row "
-                 "(dark: 0, yellow: the row's largest value).", note=True)
+                 "mean over all channels, then the channels with the highest mean activation, on one colour scale "
+                 "per row (dark: 0, yellow: the row's largest value).", note=True)
     return section
 
 
