@@ -23,6 +23,8 @@ builds; :data:`SMALL_INPUT_RECIPE` is the documented equivalent (also written in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -158,9 +160,12 @@ def export_onnx(model: nn.Module, path: Path, size: int) -> float:
                         "pip install 'supcon-pipeline[onnx]'") from None
     model = model.eval()
     example = torch.randn(2, 3, size, size)
-    torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["output"],
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, external_data=False,
-                      verbose=False)
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # their INFO lines are the exporter's own progress
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress steps too
+        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["output"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True, external_data=False,
+                          verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0))  # another batch size
     with torch.no_grad():
