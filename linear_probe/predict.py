@@ -157,7 +157,7 @@ def predict_images(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLik
     kept, probabilities, skipped = classify_paths(classifier, paths, resolve_device(device), batch_size,
                                                   num_workers, progress)
     for path, reason in skipped:
-        logger.warning("skipped unreadable image %s: %s", path, reason)
+        logger.debug("skipped unreadable image %s: %s", path, reason)
     if not kept:
         raise UserError(f"none of the {len(paths)} image files could be read (e.g. {skipped[0][0]}: "
                         f"{skipped[0][1]})")
