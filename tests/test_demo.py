@@ -76,6 +76,13 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(tmp_path):
     rows = list(csv.DictReader(open(demo / "comparison.csv")))
     assert len(rows) == 2
     assert "| Accuracy |" in done.stdout and "Comparison table" in done.stdout
+    # export, predict and the report of the selected model
+    assert (demo / "export" / "model.safetensors").is_file()
+    assert (demo / "export" / "classifier" / "config.json").is_file()
+    test_images = list((demo / "digits" / "test").rglob("*.png"))
+    assert len(list(csv.DictReader(open(demo / "predictions.csv")))) == len(test_images)
+    assert (supcon_run / "report" / "index.html").is_file() and (baseline_run / "report" / "index.html").is_file()
+    assert done.stdout.strip().splitlines()[-1].startswith(f"Report: {supcon_run / 'report' / 'index.html'}")
     # a second run reuses everything: nothing is retrained
     checkpoint = supcon_run / "ckpt_epoch_3.pth"
     mtime = checkpoint.stat().st_mtime_ns
