@@ -73,6 +73,7 @@ class Setting:
     data_path: str  # cpu (torchvision in the workers) | device (uint8 crops, colour ops on the device)
     grad_checkpointing: bool
     cudnn_benchmark: bool
+    loop: str = "project"  # project (supcon.train.train_one_epoch) | reference (reference_step below)
 
     @property
     def channels_last(self) -> bool:
@@ -80,6 +81,90 @@ class Setting:
 
 
 PLAIN = Setting("plain", "fp32", "nchw", False, "cpu", False, False)
+
+
+def reference_settings(fast: list[Setting], on_gpu: bool) -> list[Setting]:
+    """The 40-line reference loop at each (precision, memory format) of the eager fast settings."""
+    pairs = dict.fromkeys((s.precision, s.memory_format) for s in fast if not s.compile) or {
+        (default_precision(), "nhwc" if on_gpu else "nchw"): None}
+    return [Setting(f"reference {precision}/{memory_format}", precision, memory_format, False, "float", False,
+                    cudnn_benchmark=on_gpu, loop="reference") for precision, memory_format in pairs]
+
+
+# --- The reference: the training step a user would write by hand (about 40 lines), independent of
+# --- supcon.train / supcon.losses / supcon.models, timed in the same process as the project's paths.
+
+def reference_supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                          base_temperature: float = 0.07) -> torch.Tensor:
+    """SupCon L_out as the reference implementation (SupContrast ``losses.py``) writes it; features [B, V, D]."""
+    batch, n_views = features.shape[:2]
+    mask = torch.eq(labels.view(-1, 1), labels.view(1, -1)).float().repeat(n_views, n_views)
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    not_self = 1.0 - torch.eye(batch * n_views, device=features.device)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
+
+
+def reference_model(model_name: str, small_input: bool, feat_dim: int = 128) -> torch.nn.Module:
+    """timm encoder + MLP head (Linear, BatchNorm, ReLU, Linear) + L2 normalisation."""
+    import timm
+    import torch.nn.functional as F
+    from torch import nn
+
+    encoder = timm.create_model(model_name, num_classes=0)
+    if small_input:  # same stem as the project's, so both compute the same network
+        from supcon.models import adapt_small_input
+
+        adapt_small_input(encoder, model_name)
+    dim = encoder.num_features
+    head = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, feat_dim))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = encoder, head
+
+        def forward(self, x):
+            return F.normalize(self.head(self.encoder(x)), dim=1)
+
+    return Net()
+
+
+def reference_run(setting: Setting, model_name: str, batch: int, args, device: torch.device):
+    """Build the reference loop for ``setting``; returns ``run(steps) -> (seconds, mean loss)``."""
+    torch.backends.cudnn.benchmark = setting.cudnn_benchmark
+    torch.manual_seed(0)
+    model = reference_model(model_name, args.small_input).to(device)
+    views = torch.randn(batch * N_VIEWS, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    if setting.channels_last:
+        model, views = model.to(memory_format=torch.channels_last), views.to(memory_format=torch.channels_last)
+    views, labels = views.to(device), torch.randint(0, 10, (batch,)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setting.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
+    model.train()
+
+    def run(steps: int) -> tuple[float, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, total = time.perf_counter(), torch.zeros((), device=device)
+        for _ in range(steps):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                projection = model(views).float()
+                loss = reference_supcon_loss(projection.view(N_VIEWS, batch, -1).transpose(0, 1), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.detach()
+        mean_loss = total.item() / max(steps, 1)  # synchronises
+        return time.perf_counter() - start, mean_loss
+
+    return run
 
 
 def fast_settings(args, on_gpu: bool) -> list[Setting]:
@@ -131,6 +216,8 @@ def synthetic_batch(setting: Setting, batch: int, size: int, device: torch.devic
 
 def measure(setting: Setting, model_name: str, batch: int, args, samples) -> list[dict]:
     """Time one setting: synthetic and/or folder data; returns one result row per data source."""
+    if setting.loop == "reference":
+        return measure_reference(setting, model_name, batch, args)
     _reset_accelerate()
     accelerator = make_accelerator(setting.precision)
     device = accelerator.device
@@ -204,6 +291,26 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     return rows
 
 
+def measure_reference(setting: Setting, model_name: str, batch: int, args) -> list[dict]:
+    """Time the reference loop (synthetic float views only: it has no loader)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    run = reference_run(setting, model_name, batch, args, device)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    warm_seconds, _ = run(args.warmup)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    timings = [run(args.steps) for _ in range(args.repeats)]
+    rates = sorted(args.steps * batch / seconds for seconds, _ in timings)
+    return [{"model": model_name, "batch_size": batch, "size": args.size, "setting": setting.name,
+             **asdict(setting), "data": "synthetic", "steps": args.steps, "repeats": len(timings),
+             "images_per_s": round(statistics.median(rates), 2), "images_per_s_runs": [round(r, 2) for r in rates],
+             "seconds": [round(seconds, 4) for seconds, _ in timings], "mean_loss": round(timings[-1][1], 4),
+             "warmup_seconds": round(warm_seconds, 2),
+             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None}]
+
+
 def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> list[dict]:
     """One row per (model, batch, setting, data): the median of every timed window of every round,
     the largest peak memory, and the ratio to the plain path's median."""
@@ -228,6 +335,14 @@ def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> 
         reference = plain.get((row["model"], row["batch_size"], row["data"]))
         row["ratio_vs_plain"] = (round(row["images_per_s"] / reference, 3)
                                  if reference and row.get("images_per_s") else None)
+    # Against the reference loop of the same precision and memory format on synthetic float views
+    # (for folder rows too: the issue's goal is the folder figure over the obvious loop).
+    loops = {(r["model"], r["batch_size"], r["precision"], r["memory_format"]): r.get("images_per_s")
+             for r in results if r.get("loop") == "reference"}
+    for row in results:
+        reference = loops.get((row["model"], row["batch_size"], row["precision"], row["memory_format"]))
+        row["ratio_vs_reference"] = (round(row["images_per_s"] / reference, 3)
+                                     if reference and row.get("images_per_s") else None)
     return results
 
 
@@ -282,7 +397,10 @@ def parse_args(argv=None):
                         help="measure every setting this many times, alternating their order (median of all windows)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU compute)")
     parser.add_argument("--out", help="JSON file or folder [default: benchmarks/]")
-    parser.add_argument("--no-plain", action="store_true", help="skip the plain-path reference (no ratios)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain path (no ratio_vs_plain)")
+    parser.add_argument("--reference", choices=["on", "off"], default="on",
+                        help="also time the 40-line reference loop at each fast (precision, memory format), "
+                             "and plain's fp32/nchw; every row gets ratio_vs_reference")
     return parser.parse_args(argv)
 
 
@@ -306,7 +424,10 @@ def main(argv=None) -> dict:
         if len(samples) < needed:
             logger.info("%d images for %d timed source images: images repeat (from the page cache)", len(samples),
                         needed)
-    settings = ([] if args.no_plain else [PLAIN]) + fast_settings(args, on_gpu)
+    fast = fast_settings(args, on_gpu)
+    settings = ([] if args.no_plain else [PLAIN]) + fast
+    if args.reference == "on":
+        settings += reference_settings(([] if args.no_plain else [PLAIN]) + fast, on_gpu)
     measured: dict[tuple, list[dict]] = {}
     for round_index in range(args.rounds):
         # Alternate the order between rounds, so a machine that slows down or speeds up over time
@@ -340,9 +461,10 @@ def main(argv=None) -> dict:
     }
     report["results"] = results
     path = write_json(report, args.out, "train")
-    columns = ["model", "batch", "data", "setting", "img/s", "x plain", "peak GB"]
+    columns = ["model", "batch", "data", "setting", "img/s", "x plain", "x reference", "peak GB"]
     rows = [[r["model"], r["batch_size"], r["data"] + (f" ({r['num_workers']} workers)" if "num_workers" in r else ""),
-             r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"), r.get("peak_memory_gb")]
+             r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"),
+             r.get("ratio_vs_reference"), r.get("peak_memory_gb")]
             for r in results]
     print(f"\n{report['device']['name']} ({report['device']['type']}), torch {report['versions']['torch']}, "
           f"{args.size} px, 2 views per image\n")
