@@ -186,6 +186,15 @@ def fast_settings(args, on_gpu: bool) -> list[Setting]:
     return settings
 
 
+def project_optimizer(params, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer supcon-train builds (SGD, fused where this torch has the kernel)."""
+    try:
+        from supcon.train import build_optimizer
+    except ImportError:  # a checkout from before build_optimizer: plain SGD, as supcon-train built it then
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    return build_optimizer(params, lr=0.05, momentum=0.9, weight_decay=1e-4, device=device)
+
+
 def _reset_accelerate() -> None:
     """Let the next Accelerator take another mixed precision (accelerate keeps a process-wide state)."""
     from accelerate.state import AcceleratorState, GradientState
@@ -231,7 +240,7 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
         enable_grad_checkpointing(model)
     if setting.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    optimizer = project_optimizer(model.parameters(), device)
     if setting.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -86,6 +86,28 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision], **kwargs)
 
 
+def build_optimizer(params, lr: float, momentum: float, weight_decay: float,
+                    device: torch.device | str) -> torch.optim.SGD:
+    """SGD with torch's fused kernel where this torch has one for ``device`` (CUDA, and the CPU since 2.4).
+
+    The fused step updates every parameter in one kernel (one per chunk of tensors), where the default
+    runs several multi-tensor kernels on a GPU (weight decay, momentum, update) and a Python loop of
+    three ops per parameter on the CPU; the update it computes is the same (tests/test_step_overhead.py).
+    With a GradScaler (fp16) it also unscales and skips on overflow inside the kernel, without the
+    host sync of the unfused path.
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    fused = torch.device(device).type in _get_fused_kernels_supported_devices()
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, implementation: list[dict]) -> None:
+    """Restore each group's fused/foreach choice after ``load_state_dict`` (which copies the saved one)."""
+    for group, chosen in zip(optimizer.param_groups, implementation):
+        group.update(chosen)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it between steps and saves a resumable state."""
 
@@ -159,13 +181,35 @@ def train_one_epoch(
     model.train()
     device = accelerator.device
     steps_per_epoch = schedule.steps_per_epoch
-    loss_sum = torch.zeros((), device=device)
-    spread_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    # Per step, the loss and the spread go into row `pending` of a small device buffer (2 copies,
+    # no host sync); every `log_every` steps (and at the end) one transfer brings back the sums and
+    # the first non-finite loss. A per-step check would stall the GPU's queue on every step.
+    window = torch.zeros(max(log_every, 1), 2, device=device)
+    pending = 0
+    loss_sum, spread_sum = state.loss_sum, state.spread_sum
     start_step = state.steps_done
     start_time = time.perf_counter()
     steps = 0
     lr = schedule.lr_at(epoch * steps_per_epoch + start_step)
+
+    def flush(last_step_in_epoch: int) -> None:
+        """Add the pending rows to the sums; raise if one of their losses is not finite."""
+        nonlocal loss_sum, spread_sum, pending
+        rows = window[:pending]
+        bad = ~torch.isfinite(rows[:, 0])
+        first_bad = torch.where(bad.any(), bad.int().argmax(), -1)
+        loss_total, spread_total, first = torch.cat([rows.sum(0), first_bad.view(1).float()]).tolist()
+        if first >= 0:
+            bad_step = last_step_in_epoch - pending + 1 + int(first)
+            raise UserError(
+                f"loss became non-finite at epoch {epoch + 1}, step {bad_step + 1} of {steps_per_epoch} "
+                f"(global step {epoch * steps_per_epoch + bad_step}); the last good checkpoint is kept. "
+                "Try a lower --learning-rate or --precision fp32"
+            )
+        loss_sum, spread_sum, pending = loss_sum + loss_total, spread_sum + spread_total, 0
+
+    step_in_epoch = start_step - 1
+    batch = 0
     for step_in_epoch, (images, labels) in enumerate(loader, start=start_step):
         global_step = epoch * steps_per_epoch + step_in_epoch
         lr = schedule.lr_at(global_step)
@@ -186,39 +230,33 @@ def train_one_epoch(
         accelerator.backward(loss)
         optimizer.step()
 
-        # Accumulate on the device; synchronise only every `log_every` steps.
-        detached = loss.detach()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached), global_step, first_bad)
-        loss_sum += detached
-        spread_sum += embedding_spread(projection.detach()[:, 0])
+        window[pending, 0] = loss.detach()
+        window[pending, 1] = embedding_spread(projection.detach()[:, 0])
+        pending += 1
         steps += 1
         last_of_epoch = step_in_epoch + 1 == steps_per_epoch
         stopping = should_stop(step_in_epoch) and not last_of_epoch
         # Also check before stopping early: the caller saves the state we stop in.
-        if steps % log_every == 0 or last_of_epoch or stopping:
-            bad_step = int(first_bad.item())
-            if bad_step >= 0:
-                raise UserError(
-                    f"loss became non-finite at epoch {epoch + 1}, step {bad_step - epoch * steps_per_epoch + 1} "
-                    f"of {steps_per_epoch} (global step {bad_step}); the last good checkpoint is kept. "
-                    "Try a lower --learning-rate or --precision fp32"
-                )
+        if pending == window.shape[0] or last_of_epoch or stopping:
+            flush(step_in_epoch)
             if progress is not None:
                 elapsed = state.seconds + time.perf_counter() - start_time
                 done = state.steps_done + steps
                 progress.set_postfix(
-                    loss=f"{(state.loss_sum + loss_sum.item()) / done:.4f}", lr=f"{lr:.3g}",
+                    loss=f"{loss_sum / done:.4f}", lr=f"{lr:.3g}",
                     img_s=f"{done * batch * accelerator.num_processes / max(elapsed, 1e-9):.0f}",
                 )
         if progress is not None:
             progress.update(1)
         if stopping:
             break
+    if pending:  # the loader ended before the epoch's last step (e.g. a benchmark's few batches)
+        flush(step_in_epoch)
 
     return EpochState(
         steps_done=state.steps_done + steps,
-        loss_sum=state.loss_sum + float(loss_sum.item()),
-        spread_sum=state.spread_sum + float(spread_sum.item()),
+        loss_sum=loss_sum,
+        spread_sum=spread_sum,
         seconds=state.seconds + time.perf_counter() - start_time,
     )
 
@@ -412,8 +450,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         enable_grad_checkpointing(model)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                weight_decay=config.weight_decay, device=accelerator.device)
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -429,7 +467,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.encoder.load_state_dict(resume_state["encoder"])
         unwrapped.head.load_state_dict(resume_state["head"])
+        implementation = [{"fused": g.get("fused"), "foreach": g.get("foreach")} for g in optimizer.param_groups]
         optimizer.load_state_dict(resume_state["optimizer"])
+        _keep_implementation(optimizer, implementation)  # a checkpoint from an unfused run resumes fused
         if resume_state.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(resume_state["scaler"])
         set_rng_state(resume_state["rng"])
