@@ -110,7 +110,8 @@ class OpCounter(TorchDispatchMode):
             self.ops[name] += 1
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-            if self._on_device(tensors):
+            target = kwargs.get("device") if name == "_to_copy" else None
+            if self._on_device(tensors) or (target is not None and torch.device(target).type == self.device.type):
                 self.device_ops[name] += 1
                 if name in SYNC_OPS:
                     self.syncs[name] += 1
@@ -205,17 +206,20 @@ def augment_only(args):
 
 
 def augment_counts(batch_size: int, size: int, channels_last: bool = False, steps: int = 4,
-                   seed: int = 0) -> tuple[float, float, float]:
+                   seed: int = 0, module=None) -> tuple[float, float, float]:
     """``DeviceAugment`` per batch of ``batch_size`` x 2 views: (device ops, host ops, host syncs).
 
     The pixels live on the ``meta`` device (shapes only), so the ops on them are exactly what a GPU
     would launch, and the CPU-side work on the per-view parameters is counted apart from them.
+    ``module``: another implementation of ``supcon.gpu_augment`` (e.g. an older commit's), to compare.
     """
-    from supcon.gpu_augment import AugmentSpec, DeviceAugment
+    if module is None:
+        import supcon.gpu_augment as module
 
-    spec = AugmentSpec.supcon(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    augment = DeviceAugment(spec, "meta", seed=seed, channels_last=channels_last)
+    spec = module.AugmentSpec.supcon(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    augment = module.DeviceAugment(spec, "meta", seed=seed, channels_last=channels_last)
     pixels = torch.empty(batch_size, 2, size, size, 3, dtype=torch.uint8, device="meta")
+    augment(pixels, steps)  # constants made once per device are not per batch
     with OpCounter("meta") as counter:
         for step in range(steps):
             augment(pixels, step)
