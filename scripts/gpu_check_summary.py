@@ -48,6 +48,23 @@ def loader_rows(folder: Path) -> list[list]:
             for r in json.loads(path.read_text())["results"]]
 
 
+def profile_rows(folder: Path) -> tuple[list[list], str]:
+    path = folder / "profile_step.json"
+    if not path.is_file():
+        return [], ""
+    report = json.loads(path.read_text())
+    results, settings = report["results"], report["settings"]
+    reference = results["reference loop"].get("cpu_seconds_per_step")
+    rows = [[name, r["ops_per_step"], r["syncs_per_step"], r.get("cpu_seconds_per_step"),
+             round(r["cpu_seconds_per_step"] / reference, 3) if reference and r.get("cpu_seconds_per_step") else None]
+            for name, r in results.items()]
+    augment = results["DeviceAugment alone"].get("device_ops_per_batch")
+    layout = "channels-last" if settings["channels_last"] else "NCHW"
+    title = (f"{settings['model']} @{settings['size']} px, batch {settings['batch_size']}, {settings['precision']}, "
+             f"{layout}; DeviceAugment: {augment} device ops per batch")
+    return rows, title
+
+
 def pipeline_rows(folder: Path) -> tuple[list[str], list[list]]:
     path = folder / "pipeline" / "comparison.csv"
     if not path.is_file():
@@ -70,6 +87,10 @@ def summary(folder: Path) -> str:
     if loader:
         parts += ["", "## Loading alone, source images/s", "",
                   markdown_table(["pipeline", "workers", "img/s", "x training"], loader)]
+    profile, title = profile_rows(folder)
+    if profile:
+        parts += ["", f"## Per step: ops (kernel launches), host syncs, host CPU time: {title}", "",
+                  markdown_table(["step", "ops/step", "host syncs/step", "host CPU s/step", "x reference"], profile)]
     columns, pipeline = pipeline_rows(folder)
     if pipeline:
         parts += ["", "## supcon-train -> probe-all -> check-accuracies (generated JPEGs: chance-level data)", "",

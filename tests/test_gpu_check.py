@@ -70,7 +70,7 @@ def test_every_stage_runs_on_the_cpu_with_tiny_settings(tmp_path):
     out = tmp_path / "check"
     result = gpu_check("--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert stages(out) == {"tests": "ok", "bench_train": "ok", "bench_train_batches": "ok",
+    assert stages(out) == {"tests": "ok", "bench_train": "ok", "bench_train_batches": "ok", "profile_step": "ok",
                            "bench_train_seresnext": "skipped (CPU smoke)", "bench_loader": "ok", "make_jpegs": "ok",
                            "supcon_train": "ok", "probe_all": "ok", "check_accuracies": "ok"}
     train = json.loads((out / "train.json").read_text())["results"]
