@@ -148,10 +148,10 @@ def reference_run(setting: Setting, model_name: str, batch: int, args, device: t
     scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
     model.train()
 
-    def run(steps: int) -> tuple[float, float]:
+    def run(steps: int) -> tuple[float, float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start, total = time.perf_counter(), torch.zeros((), device=device)
+        start, cpu_start, total = time.perf_counter(), time.thread_time(), torch.zeros((), device=device)
         for _ in range(steps):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 projection = model(views).float()
@@ -162,7 +162,7 @@ def reference_run(setting: Setting, model_name: str, batch: int, args, device: t
             scaler.update()
             total += loss.detach()
         mean_loss = total.item() / max(steps, 1)  # synchronises
-        return time.perf_counter() - start, mean_loss
+        return time.perf_counter() - start, mean_loss, time.thread_time() - cpu_start
 
     return run
 
@@ -250,19 +250,16 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     augment = (DeviceAugment(spec, device, seed=0, channels_last=setting.channels_last)
                if setting.data_path == "device" else None)
 
-    def run(loader) -> tuple[float, float]:
+    def run(loader) -> tuple[float, float, float]:
         if on_gpu:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         state = train_one_epoch(model, loss_fn, loader, optimizer, schedule, accelerator, epoch=0, augment=augment,
-                                channels_last=setting.channels_last)  # ends with .item(): synchronised
-        return time.perf_counter() - start, state.loss_sum / max(state.steps_done, 1)
+                                channels_last=setting.channels_last)  # ends with a read of the device: synchronised
+        return time.perf_counter() - start, state.loss_sum / max(state.steps_done, 1), time.thread_time() - cpu_start
 
-    def summary(timings: list[tuple[float, float]], batch: int) -> dict:
-        rates = sorted(args.steps * batch / seconds for seconds, _ in timings)
-        return {"steps": args.steps, "repeats": len(timings), "images_per_s": round(statistics.median(rates), 2),
-                "images_per_s_runs": [round(r, 2) for r in rates],
-                "seconds": [round(seconds, 4) for seconds, _ in timings], "mean_loss": round(timings[-1][1], 4)}
+    def summary(timings: list[tuple[float, float, float]], batch: int) -> dict:
+        return window_summary(timings, args.steps, batch, on_gpu)
 
     def memory() -> float | None:
         return round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None
@@ -272,7 +269,7 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     images, labels = synthetic_batch(setting, batch, args.size, device)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    warm_seconds, _ = run(_Repeat(images, labels, args.warmup))
+    warm_seconds = run(_Repeat(images, labels, args.warmup))[0]
     peak_with_warmup = memory()
     if "synthetic" in args.data:
         if on_gpu:
@@ -300,6 +297,24 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     return rows
 
 
+def window_summary(timings: list[tuple[float, float, float]], steps: int, batch: int, on_gpu: bool) -> dict:
+    """Figures of the timed windows ``(wall seconds, mean loss, CPU seconds of this thread)``.
+
+    On the CPU, ``cpu_images_per_s`` (images per second of this thread's CPU time) is also kept: on a
+    machine shared with other jobs, wall time varies by 2x between windows, CPU time much less. On a
+    GPU the host thread's time includes waiting for the device, so it is left out.
+    """
+    rates = sorted(steps * batch / seconds for seconds, _, _ in timings)
+    summary = {"steps": steps, "repeats": len(timings), "images_per_s": round(statistics.median(rates), 2),
+               "images_per_s_runs": [round(r, 2) for r in rates],
+               "seconds": [round(seconds, 4) for seconds, _, _ in timings], "mean_loss": round(timings[-1][1], 4)}
+    if not on_gpu:
+        cpu_rates = sorted(steps * batch / max(cpu, 1e-9) for _, _, cpu in timings)
+        summary.update(cpu_images_per_s=round(statistics.median(cpu_rates), 2),
+                       cpu_images_per_s_runs=[round(r, 2) for r in cpu_rates])
+    return summary
+
+
 def measure_reference(setting: Setting, model_name: str, batch: int, args) -> list[dict]:
     """Time the reference loop (synthetic float views only: it has no loader)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,15 +322,12 @@ def measure_reference(setting: Setting, model_name: str, batch: int, args) -> li
     run = reference_run(setting, model_name, batch, args, device)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    warm_seconds, _ = run(args.warmup)
+    warm_seconds = run(args.warmup)[0]
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     timings = [run(args.steps) for _ in range(args.repeats)]
-    rates = sorted(args.steps * batch / seconds for seconds, _ in timings)
     return [{"model": model_name, "batch_size": batch, "size": args.size, "setting": setting.name,
-             **asdict(setting), "data": "synthetic", "steps": args.steps, "repeats": len(timings),
-             "images_per_s": round(statistics.median(rates), 2), "images_per_s_runs": [round(r, 2) for r in rates],
-             "seconds": [round(seconds, 4) for seconds, _ in timings], "mean_loss": round(timings[-1][1], 4),
+             **asdict(setting), "data": "synthetic", **window_summary(timings, args.steps, batch, on_gpu),
              "warmup_seconds": round(warm_seconds, 2),
              "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None}]
 
@@ -332,6 +344,9 @@ def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> 
         if runs:
             merged.update(images_per_s=round(statistics.median(runs), 2), images_per_s_runs=runs,
                           rounds=len(rows), seconds=[s for row in rows for s in row["seconds"]])
+            cpu_runs = sorted(r for row in rows for r in row.get("cpu_images_per_s_runs", []))
+            if cpu_runs:
+                merged.update(cpu_images_per_s=round(statistics.median(cpu_runs), 2), cpu_images_per_s_runs=cpu_runs)
             peaks = [row["peak_memory_gb"] for row in rows if row.get("peak_memory_gb") is not None]
             merged["peak_memory_gb"] = max(peaks) if peaks else None
             if "peak_memory_with_warmup_gb" in merged:
@@ -346,12 +361,13 @@ def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> 
                                  if reference and row.get("images_per_s") else None)
     # Against the reference loop of the same precision and memory format on synthetic float views
     # (for folder rows too: the issue's goal is the folder figure over the obvious loop).
-    loops = {(r["model"], r["batch_size"], r["precision"], r["memory_format"]): r.get("images_per_s")
+    loops = {(r["model"], r["batch_size"], r["precision"], r["memory_format"]): r
              for r in results if r.get("loop") == "reference"}
     for row in results:
-        reference = loops.get((row["model"], row["batch_size"], row["precision"], row["memory_format"]))
-        row["ratio_vs_reference"] = (round(row["images_per_s"] / reference, 3)
-                                     if reference and row.get("images_per_s") else None)
+        loop = loops.get((row["model"], row["batch_size"], row["precision"], row["memory_format"]), {})
+        for field, ratio in (("images_per_s", "ratio_vs_reference"), ("cpu_images_per_s", "cpu_ratio_vs_reference")):
+            if field in row or ratio == "ratio_vs_reference":
+                row[ratio] = (round(row[field] / loop[field], 3) if loop.get(field) and row.get(field) else None)
     return results
 
 
@@ -471,9 +487,11 @@ def main(argv=None) -> dict:
     report["results"] = results
     path = write_json(report, args.out, "train")
     columns = ["model", "batch", "data", "setting", "img/s", "x plain", "x reference", "peak GB"]
+    if not on_gpu:
+        columns[-1:] = ["img per CPU s", "x reference (CPU time)"]
     rows = [[r["model"], r["batch_size"], r["data"] + (f" ({r['num_workers']} workers)" if "num_workers" in r else ""),
-             r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"),
-             r.get("ratio_vs_reference"), r.get("peak_memory_gb")]
+             r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"), r.get("ratio_vs_reference")]
+            + ([r.get("peak_memory_gb")] if on_gpu else [r.get("cpu_images_per_s"), r.get("cpu_ratio_vs_reference")])
             for r in results]
     print(f"\n{report['device']['name']} ({report['device']['type']}), torch {report['versions']['torch']}, "
           f"{args.size} px, 2 views per image\n")
