@@ -10,7 +10,9 @@ on float views, or with ``DeviceAugment`` on uint8 crops) and for bench_train.py
   ``bool()``/``float()`` of a tensor, and data-dependent output sizes: ``nonzero``, ``masked_select``,
   ``unique``...), counted on tensors that live on the training device;
 * **CPU time** per step (``time.thread_time``, less sensitive than wall time to other jobs on a
-  shared machine), median over alternating windows.
+  shared machine), median over alternating windows. On a GPU this is the host thread's time, which
+  includes waiting (spinning) at the syncs: read it with the counts, and throughput from bench_train.py.
+  On a GPU, CUDA's own sync debug mode also counts the synchronising calls (a cross-check).
 
 The same counts on the CPU and on a GPU (the ops are the same; only their kernels differ), so this
 finds launch and sync overhead without a GPU. ``DeviceAugment`` alone is counted per batch too.
@@ -231,7 +233,22 @@ def count(run, device, steps: int) -> OpCounter:
     run(1)  # warm-up: lazy state (optimizer momentum buffers, cuDNN plans) is not per step
     with OpCounter(device) as counter:
         run(steps)
+    counter.cuda_sync_warnings = cuda_sync_warnings(run, steps) if device.type == "cuda" else None
     return counter
+
+
+def cuda_sync_warnings(run, steps: int) -> int:
+    """CUDA's own count of synchronising calls (``torch.cuda.set_sync_debug_mode``): a cross-check on a GPU."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def cpu_seconds(runs: dict, steps: int, windows: int) -> dict[str, float]:
@@ -276,6 +293,8 @@ def main(argv=None) -> dict:
     report["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     report["results"] = {name: {"ops_per_step": c.total_ops / args.steps, "syncs_per_step": c.total_syncs / args.steps,
                                 "cpu_seconds_per_step": round(seconds[name], 5) if name in seconds else None,
+                                "cuda_sync_warnings_per_step": (None if c.cuda_sync_warnings is None
+                                                                else c.cuda_sync_warnings / args.steps),
                                 "ops": dict(c.ops.most_common()), "syncs": dict(c.syncs)}
                          for name, c in counters.items()}
     report["results"]["DeviceAugment alone"].update(
