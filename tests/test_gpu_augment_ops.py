@@ -8,16 +8,11 @@ rewrite: 238 device ops and 137 host ops per batch of 64 x 2 views (scripts/comp
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from supcon.gpu_augment import AugmentSpec, DeviceAugment
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from tests.test_bench_scripts import load_script
 
 #: Device ops per batch, now: 83 at 64 x 2 views (6 blend passes, one hue pass, 2 transfers, ...).
 MAX_DEVICE_OPS = 83
@@ -26,15 +21,7 @@ MAX_HOST_OPS = 80
 
 @pytest.fixture(scope="module")
 def profile():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        spec = importlib.util.spec_from_file_location("profile_step_for_ops", SCRIPTS / "profile_step.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    return load_script("profile_step")
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

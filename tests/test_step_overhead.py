@@ -6,10 +6,6 @@ same ops on the CPU, so they are counted here (scripts/profile_step.py's OpCount
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,20 +13,7 @@ from supcon.losses import SupConLoss
 from supcon.models import build_model
 from supcon.schedule import LRSchedule
 from supcon.train import build_optimizer, make_accelerator, train_one_epoch
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str):
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        spec = importlib.util.spec_from_file_location(f"{name}_under_test", SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPTS))
+from tests.test_bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")
