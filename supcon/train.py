@@ -92,17 +92,21 @@ def build_optimizer(params, lr: float, momentum: float, weight_decay: float,
 
     The fused step updates every parameter in one kernel (one per chunk of tensors), where the default
     runs several multi-tensor kernels on a GPU (weight decay, momentum, update) and a Python loop of
-    three ops per parameter on the CPU; the update it computes is the same (tests/test_step_overhead.py).
+    four ops per parameter on the CPU; the update it computes is the same (tests/test_step_overhead.py).
     With a GradScaler (fp16) it also unscales and skips on overflow inside the kernel, without the
     host sync of the unfused path.
     """
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-    fused = torch.device(device).type in _get_fused_kernels_supported_devices()
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a private helper: if a later torch moves it, CUDA has had the kernel since 2.2
+        supported = {"cuda"}
+    fused = torch.device(device).type in supported
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
 
 
-def _keep_implementation(optimizer: torch.optim.Optimizer, implementation: list[dict]) -> None:
+def keep_implementation(optimizer: torch.optim.Optimizer, implementation: list[dict]) -> None:
     """Restore each group's fused/foreach choice after ``load_state_dict`` (which copies the saved one)."""
     for group, chosen in zip(optimizer.param_groups, implementation):
         group.update(chosen)
@@ -469,7 +473,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         unwrapped.head.load_state_dict(resume_state["head"])
         implementation = [{"fused": g.get("fused"), "foreach": g.get("foreach")} for g in optimizer.param_groups]
         optimizer.load_state_dict(resume_state["optimizer"])
-        _keep_implementation(optimizer, implementation)  # a checkpoint from an unfused run resumes fused
+        keep_implementation(optimizer, implementation)  # a checkpoint from an unfused run resumes fused
         if resume_state.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(resume_state["scaler"])
         set_rng_state(resume_state["rng"])

@@ -12,7 +12,7 @@ import torch
 from supcon.losses import SupConLoss
 from supcon.models import build_model
 from supcon.schedule import LRSchedule
-from supcon.train import build_optimizer, make_accelerator, train_one_epoch
+from supcon.train import build_optimizer, keep_implementation, make_accelerator, train_one_epoch
 from tests.test_bench_scripts import load_script
 
 
@@ -109,6 +109,21 @@ def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_steps_like_plain_
             optimizer.step()
     for expected, actual in zip(reference_model.parameters(), fused_model.parameters()):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused():
+    layer = torch.nn.Linear(4, 3)
+    unfused = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.randn(2, 4)).sum().backward()
+    unfused.step()
+    fused = build_optimizer(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0, device="cpu")
+    implementation = [{"fused": g.get("fused"), "foreach": g.get("foreach")} for g in fused.param_groups]
+    fused.load_state_dict(unfused.state_dict())
+    assert fused.param_groups[0]["fused"] is None  # what load_state_dict alone does
+    keep_implementation(fused, implementation)
+    assert fused.param_groups[0]["fused"] is True
+    torch.testing.assert_close(fused.state[layer.weight]["momentum_buffer"],
+                               unfused.state[layer.weight]["momentum_buffer"])
 
 
 def test_a_step_launches_fewer_ops_than_the_reference_loop(profile):
