@@ -86,7 +86,9 @@ if [ "$MODE" = full ]; then
     BUDGETS=(80 115 45 40 40 10 55 35 20 40)  # seconds per stage, in the order below: 480 in all
 else
     TESTS=(tests/test_gpu_augment.py -k cuda_gives_the_cpu_result)  # the CUDA check skips; plumbing only
-    TINY=(--model test_resnet --small-input --size 16 --threads 1 --num-workers 0 --rounds 1 --repeats 1)
+    # fp32/NCHW pinned: the same settings (and JSON rows) on a CPU-only machine and on a GPU host
+    TINY=(--model test_resnet --small-input --size 16 --threads 1 --num-workers 0 --rounds 1 --repeats 1
+          --precision fp32 --memory-format nchw)
     TRAIN=("${TINY[@]}" --batch-size 4 --data synthetic,folder --data-path cpu,device --gen-images 16
            --warmup 1 --steps 2)
     BATCHES=("${TINY[@]}" --batch-size 2,8 --data synthetic --no-plain --warmup 1 --steps 1)

@@ -66,6 +66,7 @@ class OpCounter(TorchDispatchMode):
         self.syncs: collections.Counter[str] = collections.Counter()
         self.device_ops: collections.Counter[str] = collections.Counter()
         self._saved: dict[str, object] = {}
+        self._reading = 0
 
     def _on_device(self, tensors) -> bool:
         return any(isinstance(t, torch.Tensor) and t.device.type == self.device.type for t in tensors)
@@ -82,9 +83,13 @@ class OpCounter(TorchDispatchMode):
     def __enter__(self):
         def counted(name, method):
             def wrapper(tensor, *args, **kwargs):
-                if tensor.device.type == self.device.type:
+                if tensor.device.type == self.device.type and not self._reading:
                     self.syncs[name] += 1
-                return method(tensor, *args, **kwargs)
+                self._reading += 1  # its own copy to the host is the same sync
+                try:
+                    return method(tensor, *args, **kwargs)
+                finally:
+                    self._reading -= 1
             return wrapper
 
         for name in HOST_READS:
@@ -115,7 +120,9 @@ class OpCounter(TorchDispatchMode):
             target = kwargs.get("device") if name == "_to_copy" else None
             if self._on_device(tensors) or (target is not None and torch.device(target).type == self.device.type):
                 self.device_ops[name] += 1
-                if name in SYNC_OPS:
+                if self._reading:
+                    pass
+                elif name in SYNC_OPS:
                     self.syncs[name] += 1
                 elif self.device.type != "cpu" and self._to_host(name, args, kwargs):
                     self.syncs[name] += 1

@@ -12,7 +12,7 @@ import torch
 from supcon.losses import SupConLoss
 from supcon.models import build_model
 from supcon.schedule import LRSchedule
-from supcon.train import build_optimizer, keep_implementation, make_accelerator, train_one_epoch
+from supcon.train import build_optimizer, keep_implementation, train_one_epoch
 from tests.test_bench_scripts import load_script
 
 
@@ -35,11 +35,13 @@ class Batches:
 
 
 def project_setup(steps_per_epoch: int = 10**6):
+    """The project's step on the CPU, fp32, on any host (the counts below are CPU counts)."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    accelerator = make_accelerator("fp32")
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
     torch.manual_seed(0)
     model = build_model("test_resnet", small_input=True)
     optimizer = build_optimizer(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4,
