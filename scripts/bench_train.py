@@ -67,6 +67,7 @@ class Setting:
     data_path: str  # cpu (torchvision in the workers) | device (uint8 crops, colour ops on the device)
     grad_checkpointing: bool
     cudnn_benchmark: bool
+    loop: str = "project"  # project (supcon.train.train_one_epoch) | reference (reference_step below)
 
     @property
     def channels_last(self) -> bool:
@@ -74,6 +75,90 @@ class Setting:
 
 
 PLAIN = Setting("plain", "fp32", "nchw", False, "cpu", False, False)
+
+
+def reference_settings(fast: list[Setting], on_gpu: bool) -> list[Setting]:
+    """The 40-line reference loop at each (precision, memory format) of the eager fast settings."""
+    pairs = dict.fromkeys((s.precision, s.memory_format) for s in fast if not s.compile) or {
+        (default_precision(), "nhwc" if on_gpu else "nchw"): None}
+    return [Setting(f"reference {precision}/{memory_format}", precision, memory_format, False, "float", False,
+                    cudnn_benchmark=on_gpu, loop="reference") for precision, memory_format in pairs]
+
+
+# --- The reference: the training step a user would write by hand (about 40 lines), independent of
+# --- supcon.train / supcon.losses / supcon.models, timed in the same process as the project's paths.
+
+def reference_supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                          base_temperature: float = 0.07) -> torch.Tensor:
+    """SupCon L_out as the reference implementation (SupContrast ``losses.py``) writes it; features [B, V, D]."""
+    batch, n_views = features.shape[:2]
+    mask = torch.eq(labels.view(-1, 1), labels.view(1, -1)).float().repeat(n_views, n_views)
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    not_self = 1.0 - torch.eye(batch * n_views, device=features.device)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
+
+
+def reference_model(model_name: str, small_input: bool, feat_dim: int = 128) -> torch.nn.Module:
+    """timm encoder + MLP head (Linear, BatchNorm, ReLU, Linear) + L2 normalisation."""
+    import timm
+    import torch.nn.functional as F
+    from torch import nn
+
+    encoder = timm.create_model(model_name, num_classes=0)
+    if small_input:  # same stem as the project's, so both compute the same network
+        from supcon.models import adapt_small_input
+
+        adapt_small_input(encoder, model_name)
+    dim = encoder.num_features
+    head = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, feat_dim))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = encoder, head
+
+        def forward(self, x):
+            return F.normalize(self.head(self.encoder(x)), dim=1)
+
+    return Net()
+
+
+def reference_run(setting: Setting, model_name: str, batch: int, args, device: torch.device):
+    """Build the reference loop for ``setting``; returns ``run(steps) -> (seconds, mean loss)``."""
+    torch.backends.cudnn.benchmark = setting.cudnn_benchmark
+    torch.manual_seed(0)
+    model = reference_model(model_name, args.small_input).to(device)
+    views = torch.randn(batch * N_VIEWS, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    if setting.channels_last:
+        model, views = model.to(memory_format=torch.channels_last), views.to(memory_format=torch.channels_last)
+    views, labels = views.to(device), torch.randint(0, 10, (batch,)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setting.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
+    model.train()
+
+    def run(steps: int) -> tuple[float, float, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start, total = time.perf_counter(), time.thread_time(), torch.zeros((), device=device)
+        for _ in range(steps):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                projection = model(views).float()
+                loss = reference_supcon_loss(projection.view(N_VIEWS, batch, -1).transpose(0, 1), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.detach()
+        mean_loss = total.item() / max(steps, 1)  # synchronises
+        return time.perf_counter() - start, mean_loss, time.thread_time() - cpu_start
+
+    return run
 
 
 def fast_settings(args, on_gpu: bool) -> list[Setting]:
@@ -93,6 +178,15 @@ def fast_settings(args, on_gpu: bool) -> list[Setting]:
         if replace(setting, name=PLAIN.name) != PLAIN and setting not in settings:
             settings.append(setting)
     return settings
+
+
+def project_optimizer(params, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer supcon-train builds (SGD, fused where this torch has the kernel)."""
+    try:
+        from supcon.optim import build_optimizer
+    except ImportError:  # a checkout from before build_optimizer: plain SGD, as supcon-train built it then
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    return build_optimizer(params, lr=0.05, momentum=0.9, weight_decay=1e-4, device=device)
 
 
 def _reset_accelerate() -> None:
@@ -125,6 +219,8 @@ def synthetic_batch(setting: Setting, batch: int, size: int, device: torch.devic
 
 def measure(setting: Setting, model_name: str, batch: int, args, samples) -> list[dict]:
     """Time one setting: synthetic and/or folder data; returns one result row per data source."""
+    if setting.loop == "reference":
+        return measure_reference(setting, model_name, batch, args)
     _reset_accelerate()
     accelerator = make_accelerator(setting.precision)
     device = accelerator.device
@@ -138,7 +234,7 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
         enable_grad_checkpointing(model)
     if setting.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    optimizer = project_optimizer(model.parameters(), device)
     if setting.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -148,19 +244,16 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     augment = (DeviceAugment(spec, device, seed=0, channels_last=setting.channels_last)
                if setting.data_path == "device" else None)
 
-    def run(loader) -> tuple[float, float]:
+    def run(loader) -> tuple[float, float, float]:
         if on_gpu:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         state = train_one_epoch(model, loss_fn, loader, optimizer, schedule, accelerator, epoch=0, augment=augment,
-                                channels_last=setting.channels_last)  # ends with .item(): synchronised
-        return time.perf_counter() - start, state.loss_sum / max(state.steps_done, 1)
+                                channels_last=setting.channels_last)  # ends with a read of the device: synchronised
+        return time.perf_counter() - start, state.loss_sum / max(state.steps_done, 1), time.thread_time() - cpu_start
 
-    def summary(timings: list[tuple[float, float]], batch: int) -> dict:
-        rates = sorted(args.steps * batch / seconds for seconds, _ in timings)
-        return {"steps": args.steps, "repeats": len(timings), "images_per_s": round(statistics.median(rates), 2),
-                "images_per_s_runs": [round(r, 2) for r in rates],
-                "seconds": [round(seconds, 4) for seconds, _ in timings], "mean_loss": round(timings[-1][1], 4)}
+    def summary(timings: list[tuple[float, float, float]], batch: int) -> dict:
+        return window_summary(timings, args.steps, batch, on_gpu)
 
     def memory() -> float | None:
         return round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None
@@ -170,7 +263,7 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     images, labels = synthetic_batch(setting, batch, args.size, device)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    warm_seconds, _ = run(_Repeat(images, labels, args.warmup))
+    warm_seconds = run(_Repeat(images, labels, args.warmup))[0]
     peak_with_warmup = memory()
     if "synthetic" in args.data:
         if on_gpu:
@@ -195,6 +288,41 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
     return rows
 
 
+def window_summary(timings: list[tuple[float, float, float]], steps: int, batch: int, on_gpu: bool) -> dict:
+    """Figures of the timed windows ``(wall seconds, mean loss, CPU seconds of this thread)``.
+
+    On the CPU, ``cpu_images_per_s`` (images per second of this thread's CPU time) is also kept: on a
+    machine shared with other jobs, wall time varies by 2x between windows, CPU time much less. On a
+    GPU the host thread's time includes waiting for the device, so it is left out.
+    """
+    rates = sorted(steps * batch / seconds for seconds, _, _ in timings)
+    summary = {"steps": steps, "repeats": len(timings), "images_per_s": round(statistics.median(rates), 2),
+               "images_per_s_runs": [round(r, 2) for r in rates],
+               "seconds": [round(seconds, 4) for seconds, _, _ in timings], "mean_loss": round(timings[-1][1], 4)}
+    if not on_gpu:
+        cpu_rates = sorted(steps * batch / max(cpu, 1e-9) for _, _, cpu in timings)
+        summary.update(cpu_images_per_s=round(statistics.median(cpu_rates), 2),
+                       cpu_images_per_s_runs=[round(r, 2) for r in cpu_rates])
+    return summary
+
+
+def measure_reference(setting: Setting, model_name: str, batch: int, args) -> list[dict]:
+    """Time the reference loop (synthetic float views only: it has no loader)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    run = reference_run(setting, model_name, batch, args, device)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    warm_seconds = run(args.warmup)[0]
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    timings = [run(args.steps) for _ in range(args.repeats)]
+    return [{"model": model_name, "batch_size": batch, "size": args.size, "setting": setting.name,
+             **asdict(setting), "data": "synthetic", **window_summary(timings, args.steps, batch, on_gpu),
+             "warmup_seconds": round(warm_seconds, 2),
+             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if on_gpu else None}]
+
+
 def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> list[dict]:
     """One row per (model, batch, setting, data): the median of every timed window of every round,
     the largest peak memory, and the ratio to the plain path's median."""
@@ -207,6 +335,9 @@ def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> 
         if runs:
             merged.update(images_per_s=round(statistics.median(runs), 2), images_per_s_runs=runs,
                           rounds=len(rows), seconds=[s for row in rows for s in row["seconds"]])
+            cpu_runs = sorted(r for row in rows for r in row.get("cpu_images_per_s_runs", []))
+            if cpu_runs:
+                merged.update(cpu_images_per_s=round(statistics.median(cpu_runs), 2), cpu_images_per_s_runs=cpu_runs)
             peaks = [row["peak_memory_gb"] for row in rows if row.get("peak_memory_gb") is not None]
             merged["peak_memory_gb"] = max(peaks) if peaks else None
             if "peak_memory_with_warmup_gb" in merged:
@@ -219,6 +350,15 @@ def merge_rounds(measured: dict[tuple, list[dict]], settings: list[Setting]) -> 
         reference = plain.get((row["model"], row["batch_size"], row["data"]))
         row["ratio_vs_plain"] = (round(row["images_per_s"] / reference, 3)
                                  if reference and row.get("images_per_s") else None)
+    # Against the reference loop of the same precision and memory format on synthetic float views
+    # (for folder rows too: the issue's goal is the folder figure over the obvious loop).
+    loops = {(r["model"], r["batch_size"], r["precision"], r["memory_format"]): r
+             for r in results if r.get("loop") == "reference"}
+    for row in results:
+        loop = loops.get((row["model"], row["batch_size"], row["precision"], row["memory_format"]), {})
+        for field, ratio in (("images_per_s", "ratio_vs_reference"), ("cpu_images_per_s", "cpu_ratio_vs_reference")):
+            if field in row or ratio == "ratio_vs_reference":
+                row[ratio] = (round(row[field] / loop[field], 3) if loop.get(field) and row.get(field) else None)
     return results
 
 
@@ -273,7 +413,10 @@ def parse_args(argv=None):
                         help="measure every setting this many times, alternating their order (median of all windows)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU compute)")
     parser.add_argument("--out", help="JSON file or folder [default: benchmarks/]")
-    parser.add_argument("--no-plain", action="store_true", help="skip the plain-path reference (no ratios)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain path (no ratio_vs_plain)")
+    parser.add_argument("--reference", choices=["on", "off"], default="on",
+                        help="also time the 40-line reference loop at each fast (precision, memory format), "
+                             "and plain's fp32/nchw; every row gets ratio_vs_reference")
     return parser.parse_args(argv)
 
 
@@ -293,7 +436,10 @@ def main(argv=None) -> dict:
         if len(samples) < needed:
             logger.info("%d images for %d timed source images: images repeat (from the page cache)", len(samples),
                         needed)
-    settings = ([] if args.no_plain else [PLAIN]) + fast_settings(args, on_gpu)
+    fast = fast_settings(args, on_gpu)
+    settings = ([] if args.no_plain else [PLAIN]) + fast
+    if args.reference == "on":
+        settings += reference_settings(([] if args.no_plain else [PLAIN]) + fast, on_gpu)
     measured: dict[tuple, list[dict]] = {}
     for round_index in range(args.rounds):
         # Alternate the order between rounds, so a machine that slows down or speeds up over time
@@ -326,9 +472,12 @@ def main(argv=None) -> dict:
         "plain": asdict(PLAIN), "unit": "source images per second (each image gives 2 views of --size px)",
     }
     report["results"] = results
-    columns = ["model", "batch", "data", "setting", "img/s", "x plain", "peak GB"]
+    columns = ["model", "batch", "data", "setting", "img/s", "x plain", "x reference", "peak GB"]
+    if not on_gpu:
+        columns[-1:] = ["img per CPU s", "x reference (CPU time)"]
     rows = [[r["model"], r["batch_size"], r["data"] + (f" ({r['num_workers']} workers)" if "num_workers" in r else ""),
-             r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"), r.get("peak_memory_gb")]
+             r["setting"], r.get("images_per_s", r.get("error")), r.get("ratio_vs_plain"), r.get("ratio_vs_reference")]
+            + ([r.get("peak_memory_gb")] if on_gpu else [r.get("cpu_images_per_s"), r.get("cpu_ratio_vs_reference")])
             for r in results]
     title = (f"{report['device']['name']} ({report['device']['type']}), torch {report['versions']['torch']}, "
              f"{args.size} px, 2 views per image")

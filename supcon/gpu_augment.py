@@ -31,6 +31,7 @@ an uninterrupted one would have.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +51,6 @@ logger = logging.getLogger(__name__)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 #: Colour-jitter op indices, in torchvision's numbering (``ColorJitter.get_params``'s ``fn_idx``).
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-_NO_HUE = 4  # "hue position" of a view whose jitter is not applied
 
 
 def _uint8_hwc(image) -> torch.Tensor:
@@ -90,10 +90,24 @@ def _uniform(n: int, bounds: tuple[float, float] | None, identity: float, genera
     return torch.empty(n, dtype=torch.float64).uniform_(bounds[0], bounds[1], generator=generator)
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_constants(values: tuple[float, float, float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` as a ``[1, 3, 1, 1]`` tensor on ``device``, made once (not one host-to-device copy per call)."""
+    return torch.tensor(values, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    """``[n, 3, H, W]`` -> ``[n, 1, H, W]`` grayscale with torchvision's weights."""
+    """``[n, 3, H, W]`` -> ``[n, 1, H, W]`` grayscale with torchvision's weights.
+
+    Three passes over channel planes; (x * weights).sum(1) is one op fewer but moves 40% more
+    memory (a full-size product, then a reduction over 3 channels), and measured 1.4x slower.
+    """
     r, g, b = x.unbind(1)
     return (r * GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+#: ``n`` of the closed-form HSV-to-RGB map for R, G, B (see :func:`shift_hue`).
+_HSV_OFFSETS = (5.0, 3.0, 1.0)
 
 
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -101,26 +115,30 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
     Saturation and value are kept; the result is computed straight from the shifted hue with the
     closed-form HSV-to-RGB map ``c_n = v - chroma * clamp(min(k, 4 - k), 0, 1)``,
-    ``k = (n + 6 h) mod 6`` for ``n = 5, 3, 1`` (R, G, B).
+    ``k = (n + 6 h) mod 6`` for ``n = 5, 3, 1`` (R, G, B), all three channels in one pass.
 
     Args:
         x: ``[n, 3, H, W]`` float images in [0, 1].
         shift: ``[n]`` hue shifts in turns (torchvision's ``hue_factor``).
     """
+    return _shift_hue_sextants(x, (6.0 * shift).to(device=x.device, dtype=x.dtype))
+
+
+def _shift_hue_sextants(x: torch.Tensor, sextants: torch.Tensor) -> torch.Tensor:
+    """:func:`shift_hue` with the shift already in sextants (``6 * shift``, on ``x``'s device)."""
     r, g, b = x.unbind(1)
-    minc, maxc = torch.aminmax(x, dim=1)
+    minc, maxc = torch.aminmax(x, dim=1, keepdim=True)
     chroma = maxc - minc
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    # Where chroma is 0 every (maxc - c) is 0 too, so any positive divisor gives torchvision's 0.
+    safe = chroma.clamp_min(torch.finfo(x.dtype).tiny)
+    rc, gc, bc = ((maxc - x) / safe).unbind(1)
+    maxc, chroma = maxc.squeeze(1), chroma.squeeze(1)
     # Hue in sextants (the colorsys convention): red is the max first, then green, then blue.
     sextant = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    sextant = sextant + (6.0 * shift).to(x.dtype).view(-1, 1, 1)
-    out = torch.empty_like(x)
-    for channel, n in enumerate((5.0, 3.0, 1.0)):
-        k = torch.remainder(sextant + n, 6.0)
-        weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        torch.addcmul(maxc, chroma, weight, value=-1.0, out=out[:, channel])
-    return out
+    sextant = sextant.add_(sextants.view(-1, 1, 1)).unsqueeze(1)
+    k = torch.remainder(sextant + _channel_constants(_HSV_OFFSETS, x.device, x.dtype), 6.0)
+    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), weight, value=-1.0)
 
 
 class DeviceAugment:
@@ -131,9 +149,11 @@ class DeviceAugment:
     ``[B, n_views, 3, H, W]`` (channels-last strides when ``channels_last``).
 
     The parameters are drawn on the CPU from a generator seeded by ``(seed, rank, global_step)``,
-    so a view's augmentation does not depend on the device, and the batch is then reordered so that
-    views needing the same work (hue at the same position of their op order, flip) are contiguous:
-    every op then runs once over a slice instead of over the whole batch under a mask.
+    so a view's augmentation does not depend on the device. The host then turns them into one table
+    of per-view coefficients (one transfer), and the batch is reordered so that the jittered views
+    and the flipped views are one slice each: the device runs a fixed number of batched kernels per
+    batch (83, pinned by ``tests/test_gpu_augment_ops.py``), none per view or per op order, and
+    never waits for the host.
     """
 
     def __init__(self, spec: AugmentSpec, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0,
@@ -143,8 +163,9 @@ class DeviceAugment:
         self.seed = seed
         self.rank = rank
         self.channels_last = channels_last
-        self._inv_std = (1.0 / torch.tensor(spec.std, dtype=torch.float64)).float().view(1, 3, 1, 1).to(self.device)
-        self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        inv_std = 1.0 / torch.tensor(spec.std, dtype=torch.float64)
+        self._inv_std_host = inv_std.float().view(1, 3)
+        self._bias = (-torch.tensor(spec.mean, dtype=torch.float64) * inv_std).float().view(1, 3, 1, 1).to(self.device)
 
     def generator(self, global_step: int) -> torch.Generator:
         state = np.random.SeedSequence([self.seed, self.rank, global_step, 0x6A17]).generate_state(2, np.uint64)
@@ -180,74 +201,100 @@ class DeviceAugment:
         return self.apply(images.flatten(0, 1), params).unflatten(0, (batch, n_views))
 
     def apply(self, pixels: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """Augment uint8 ``[n, H, W, 3]`` pixels with the given per-view parameters -> ``[n, 3, H, W]``."""
+        """Augment uint8 ``[n, H, W, 3]`` pixels with the given per-view parameters -> ``[n, 3, H, W]``.
+
+        The batch is reordered so that the jittered views are one slice (flipped last) and the
+        flipped views another; each view's op order is split around its hue: up to three blends
+        before it (three passes over the jittered slice, identity where a view has fewer), one hue
+        pass, up to three blends after it. Every per-view coefficient is computed on the host and
+        copied to the device in one transfer (plus one for the reordering indices); the device then
+        runs about 60 kernels per batch whatever its size (``tests/test_gpu_augment_ops.py``).
+        """
         n = pixels.shape[0]
         device = pixels.device
-        hue_position = torch.full((n,), _NO_HUE, dtype=torch.long)
-        jittered = params.jittered.nonzero().squeeze(1)
-        hue_position[jittered] = (params.order[jittered] == HUE).long().argmax(dim=1)
-        group = hue_position * 2 + params.flip.long()
-        perm = torch.argsort(group, stable=True)
-        bounds = torch.bincount(group, minlength=2 * (_NO_HUE + 1)).cumsum(0).tolist()
-        bounds = [0] + bounds
+        table, indices, n_jittered, flipped, active = self._plan(params)
+        table = table.to(device, non_blocking=True)
+        perm, inverse = indices.to(device, non_blocking=True).unbind(0)
+        blend_coefs, hue_sextants, gray_coefs = table[:, :18], table[:, 18], table[:, 19:25]
 
-        perm_device = perm.to(device, non_blocking=True)
-        x = pixels.index_select(0, perm_device)  # uint8, [n, H, W, 3], grouped
-        for g in range(1, len(bounds) - 1, 2):  # odd groups are the flipped ones
-            start, end = bounds[g], bounds[g + 1]
-            if end > start:
-                x[start:end] = x[start:end].flip(2)
-        x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)  # [n, 3, H, W], channels-last strides
+        x = pixels.index_select(0, perm)  # uint8 [n, H, W, 3]: jittered, then not; flipped views contiguous
+        if flipped[1] > flipped[0]:
+            x[flipped[0]:flipped[1]] = x[flipped[0]:flipped[1]].flip(2)
+        # float [n, 3, H, W] in planes: the per-view, per-pixel ops below broadcast over contiguous
+        # rows instead of striding over 3 interleaved channels
+        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
 
-        order = params.order[perm]
-        factors = torch.stack([params.brightness, params.contrast, params.saturation], dim=1)[perm]  # [n, 3]
-        jit = params.jittered[perm]
-        hue = params.hue[perm]
-        for position in range(4):
-            op = order[:, position]
-            linear = jit & (op != HUE)
-            if bool(linear.any()):
-                x = self._blend_step(x, op, factors, linear)
-            start, end = bounds[2 * position], bounds[2 * position + 2]  # views whose hue is here
-            if end > start:
-                x[start:end] = shift_hue(x[start:end], hue[start:end].to(device, non_blocking=True))
+        if n_jittered:
+            jittered = x[:n_jittered]
+            steps = blend_coefs[:n_jittered].view(n_jittered, 6, 3, 1, 1, 1).unbind(1)
+            for step in range(3):  # the blends before each view's hue
+                if active[step]:
+                    jittered = _blend(jittered, *steps[step].unbind(1), contrast=active[step] > 1)
+            jittered = _shift_hue_sextants(jittered, hue_sextants[:n_jittered])
+            for step in range(3, 6):  # and after it
+                if active[step]:
+                    jittered = _blend(jittered, *steps[step].unbind(1), contrast=active[step] > 1)
+            x[:n_jittered] = jittered
 
-        # Grayscale and normalisation in one affine map: x' = (a x + g luma - mean) / std.
-        gray = params.grayscale[perm].to(torch.float32)
-        coefs = torch.stack([1.0 - gray, gray], dim=1).to(device, non_blocking=True)
-        a = coefs[:, 0].view(n, 1, 1, 1) * self._inv_std
-        g = coefs[:, 1].view(n, 1, 1, 1) * self._inv_std
-        bias = -self._mean * self._inv_std
-        x = torch.addcmul(torch.addcmul(bias, g, _luma(x)), a, x)
-
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(n)
-        inverse = inverse.to(device, non_blocking=True)
+        # Grayscale and normalisation in one affine map: x' = a x + g luma + bias, with
+        # a = (1 - gray) / std, g = gray / std, bias = -mean / std.
+        a, g = gray_coefs.view(n, 2, 3, 1, 1).unbind(1)
+        x = torch.addcmul(torch.addcmul(self._bias, g, _luma(x)), a, x)
         if self.channels_last:
             return x.permute(0, 2, 3, 1).index_select(0, inverse).permute(0, 3, 1, 2)
         return x.index_select(0, inverse).contiguous()
 
-    def _blend_step(self, x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor, active: torch.Tensor):
-        """One position of the op order for every view whose op there is brightness/contrast/saturation.
+    def _plan(self, params: ViewParams) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int], list[int]]:
+        """Host side of :meth:`apply`: the reordering and every per-view coefficient, in the new order.
 
-        All three are torchvision blends ``clamp(f x + (1 - f) d, 0, 1)`` against a degenerate image
-        ``d``: black (brightness), the mean of the luma (contrast), the luma (saturation); written as
-        ``clamp(s x + t luma + u mean(luma), 0, 1)`` with per-view coefficients (identity: 1, 0, 0).
+        Returns ``(table [n, 25] float32, indices [2, n] (perm, inverse), jittered views, flipped slice,
+        active steps)``: the table holds 6 blend steps x (s, t, u), the hue shift in sextants, and
+        (a, g) x 3 channels; per blend step, 0 (no view), 1 (no contrast) or 2 (some contrast).
         """
-        n = x.shape[0]
-        index = op.clamp(max=SATURATION)
-        factor = factors.gather(1, index.unsqueeze(1)).squeeze(1).to(torch.float32)
+        n = params.flip.shape[0]
+        # jittered & not flipped, jittered & flipped, not jittered & flipped, neither
+        group = torch.where(params.jittered, params.flip.long(), 3 - params.flip.long())
+        perm = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=4).tolist()
+        n_jittered = counts[0] + counts[1]
+        flipped = (counts[0], counts[0] + counts[1] + counts[2])
+
+        jit = params.jittered[perm]
+        order = params.order[perm]
+        factors = torch.stack([params.brightness, params.contrast, params.saturation], dim=1)[perm]  # [n, 3]
+        hue_position = (order == HUE).long().argmax(dim=1)
+        # Blend step j < 3: the j-th op before the hue; step 3 + j: the j-th op after it.
+        position = torch.cat([torch.arange(3).expand(n, 3), hue_position[:, None] + 1 + torch.arange(3)], dim=1)
+        active = jit[:, None] & torch.cat([position[:, :3] < hue_position[:, None], position[:, 3:] <= 3], dim=1)
+        op = order.gather(1, position.clamp(max=3))  # [n, 6]
+        factor = factors.gather(1, op.clamp(max=SATURATION)).float()
         factor = torch.where(active, factor, torch.ones_like(factor))
         s = factor
-        t = torch.where(active & (op == SATURATION), 1.0 - factor, torch.zeros_like(factor))
-        u = torch.where(active & (op == CONTRAST), 1.0 - factor, torch.zeros_like(factor))
-        coefs = torch.stack([s, t, u], dim=1).to(x.device, non_blocking=True)
-        s, t, u = (c.view(n, 1, 1, 1) for c in coefs.unbind(1))
-        luma = _luma(x)
-        degenerate = luma * t
-        if bool((op[active] == CONTRAST).any()):
-            degenerate = degenerate.add_(luma.mean(dim=(2, 3), keepdim=True) * u)
-        return torch.addcmul(degenerate, s, x).clamp_(0.0, 1.0)
+        t = torch.where(active & (op == SATURATION), 1.0 - factor, 0.0)
+        u = torch.where(active & (op == CONTRAST), 1.0 - factor, 0.0)
+        active_steps = (active.any(0).long() + (active & (op == CONTRAST)).any(0).long()).tolist()
+
+        gray = params.grayscale[perm].to(torch.float32)[:, None]
+        inv_std = self._inv_std_host
+        table = torch.cat([torch.stack([s, t, u], dim=2).flatten(1), (6.0 * params.hue[perm]).float()[:, None],
+                           (1.0 - gray) * inv_std, gray * inv_std], dim=1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(n)
+        return table, torch.stack([perm, inverse]), n_jittered, flipped, active_steps
+
+
+def _blend(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, u: torch.Tensor, contrast: bool) -> torch.Tensor:
+    """One blend step of brightness/contrast/saturation for every view, with per-view coefficients.
+
+    All three are torchvision blends ``clamp(f x + (1 - f) d, 0, 1)`` against a degenerate image
+    ``d``: black (brightness), the mean of the luma (contrast), the luma (saturation); written as
+    ``clamp(s x + t luma + u mean(luma), 0, 1)`` (identity: 1, 0, 0). ``contrast``: some ``u`` is not 0.
+    """
+    luma = _luma(x)
+    degenerate = luma * t
+    if contrast:
+        degenerate = degenerate.addcmul_(luma.mean(dim=(2, 3), keepdim=True), u)
+    return torch.addcmul(degenerate, s, x).clamp_(0.0, 1.0)
 
 
 def build_gpu_pipeline(samples: Sequence[tuple[str, int]], config, device: torch.device | str, n_views: int = 2,

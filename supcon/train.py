@@ -51,6 +51,7 @@ from supcon.health import (
 )
 from supcon.losses import SupConLoss
 from supcon.models import build_model, check_model_name, model_config_from
+from supcon.optim import build_optimizer, implementation_of, keep_implementation
 from supcon.rundir import (
     BAD_IMAGES_FILE,
     LAST,
@@ -97,14 +98,47 @@ def _two_view_step(model, loss_fn, optimizer, accelerator: Accelerator, views: t
     return loss.detach(), projection.detach()[:, 0]
 
 
-def _raise_if_non_finite(first_bad: torch.Tensor, epoch: int, steps_per_epoch: int) -> None:
-    bad_step = int(first_bad.item())
-    if bad_step >= 0:
-        raise UserError(
-            f"loss became non-finite at epoch {epoch + 1}, step {bad_step - epoch * steps_per_epoch + 1} "
-            f"of {steps_per_epoch} (global step {bad_step}); the last good checkpoint is kept. "
-            "Try a lower --learning-rate or --precision fp32"
-        )
+class _StepWindow:
+    """Per-step loss and spread in a small device buffer; one host transfer every ``size`` steps.
+
+    Each step writes one row (two device copies, no host sync); :meth:`flush` brings back the sums and
+    the first non-finite loss in one ``tolist``. A per-step check would stall the GPU's queue every step.
+    """
+
+    def __init__(self, size: int, device: torch.device, loss_sum: float, spread_sum: float):
+        self.rows = torch.zeros(max(size, 1), 2, device=device)
+        self.pending = 0
+        self.loss_sum, self.spread_sum = loss_sum, spread_sum
+
+    @property
+    def full(self) -> bool:
+        return self.pending == self.rows.shape[0]
+
+    def add(self, loss: torch.Tensor, spread: torch.Tensor) -> None:
+        self.rows[self.pending, 0] = loss
+        self.rows[self.pending, 1] = spread
+        self.pending += 1
+
+    def flush(self, last_step_in_epoch: int, epoch: int, steps_per_epoch: int) -> None:
+        """Add the pending rows to the sums.
+
+        Raises:
+            UserError: one of their losses is not finite (names the epoch and step).
+        """
+        rows = self.rows[:self.pending]
+        bad = ~torch.isfinite(rows[:, 0])
+        first_bad = torch.where(bad.any(), bad.int().argmax(), -1)
+        loss_total, spread_total, first = torch.cat([rows.sum(0), first_bad.view(1).float()]).tolist()
+        if first >= 0:
+            bad_step = last_step_in_epoch - self.pending + 1 + int(first)
+            raise UserError(
+                f"loss became non-finite at epoch {epoch + 1}, step {bad_step + 1} of {steps_per_epoch} "
+                f"(global step {epoch * steps_per_epoch + bad_step}); the last good checkpoint is kept. "
+                "Try a lower --learning-rate or --precision fp32"
+            )
+        self.loss_sum += loss_total
+        self.spread_sum += spread_total
+        self.pending = 0
 
 
 def train_one_epoch(
@@ -140,11 +174,10 @@ def train_one_epoch(
     model.train()
     device = accelerator.device
     steps_per_epoch = schedule.steps_per_epoch
-    loss_sum = torch.zeros((), device=device)
-    spread_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    window = _StepWindow(log_every, device, state.loss_sum, state.spread_sum)
     start_time = time.perf_counter()
     steps = 0
+    step_in_epoch = state.steps_done - 1
     for step_in_epoch, (images, labels) in enumerate(loader, start=state.steps_done):
         global_step = epoch * steps_per_epoch + step_in_epoch
         lr = schedule.lr_at(global_step)
@@ -155,28 +188,26 @@ def train_one_epoch(
         views = augment(images, global_step) if augment is not None else images
         loss, first_view = _two_view_step(model, loss_fn, optimizer, accelerator, views, labels, channels_last,
                                           supervised)
-        # Accumulate on the device; synchronise only every `log_every` steps.
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), global_step, first_bad)
-        loss_sum += loss
-        spread_sum += embedding_spread(first_view)
+        window.add(loss, embedding_spread(first_view))
         steps += 1
         last_of_epoch = step_in_epoch + 1 == steps_per_epoch
         stopping = should_stop(step_in_epoch) and not last_of_epoch
         # Also check before stopping early: the caller saves the state we stop in.
-        if steps % log_every == 0 or last_of_epoch or stopping:
-            _raise_if_non_finite(first_bad, epoch, steps_per_epoch)
+        if window.full or last_of_epoch or stopping:
+            window.flush(step_in_epoch, epoch, steps_per_epoch)
             if progress is not None:
                 done = state.steps_done + steps
                 elapsed = state.seconds + time.perf_counter() - start_time
                 progress.set_postfix(
-                    loss=f"{(state.loss_sum + loss_sum.item()) / done:.4f}", lr=f"{lr:.3g}",
+                    loss=f"{window.loss_sum / done:.4f}", lr=f"{lr:.3g}",
                     img_s=f"{done * views.shape[0] * accelerator.num_processes / max(elapsed, 1e-9):.0f}")
         if progress is not None:
             progress.update(1)
         if stopping:
             break
-    return EpochState(steps_done=state.steps_done + steps, loss_sum=state.loss_sum + float(loss_sum.item()),
-                      spread_sum=state.spread_sum + float(spread_sum.item()),
+    if window.pending:  # the loader ended before the epoch's last step (e.g. a benchmark's few batches)
+        window.flush(step_in_epoch, epoch, steps_per_epoch)
+    return EpochState(steps_done=state.steps_done + steps, loss_sum=window.loss_sum, spread_sum=window.spread_sum,
                       seconds=state.seconds + time.perf_counter() - start_time)
 
 
@@ -235,8 +266,8 @@ class SupConTrainer:
             enable_grad_checkpointing(model)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+        optimizer = build_optimizer(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                    weight_decay=config.weight_decay, device=self.accelerator.device)
         if config.compile:
             model = torch.compile(model)
         return self.accelerator.prepare(model, optimizer)
@@ -246,7 +277,9 @@ class SupConTrainer:
         unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         unwrapped.encoder.load_state_dict(state["encoder"])
         unwrapped.head.load_state_dict(state["head"])
+        implementation = implementation_of(self.optimizer)
         self.optimizer.load_state_dict(state["optimizer"])
+        keep_implementation(self.optimizer, implementation)  # a checkpoint from an unfused run resumes fused
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])

@@ -36,7 +36,9 @@ def jpeg_folder(tmp_path_factory) -> Path:
 def test_bench_train_compares_the_plain_and_fast_paths(jpeg_folder, tmp_path, capsys):
     bench = load_script("bench_train")
     out = tmp_path / "train.json"
-    report = bench.main(["--model", "test_resnet", "--small-input", "--size", "16", "--batch-size", "4",
+    # precision and memory format pinned: the GPU defaults (bf16, NHWC) would name other settings
+    report = bench.main(["--precision", "fp32", "--memory-format", "nchw",
+                         "--model", "test_resnet", "--small-input", "--size", "16", "--batch-size", "4",
                          "--warmup", "1", "--steps", "2", "--repeats", "1", "--rounds", "2", "--num-workers", "0",
                          "--data-folder", str(jpeg_folder), "--threads", "1", "--out", str(out)])
     written = json.loads(out.read_text())
@@ -44,12 +46,21 @@ def test_bench_train_compares_the_plain_and_fast_paths(jpeg_folder, tmp_path, ca
     assert {"name", "type", "cpu"} <= written["device"].keys() and {"torch", "timm"} <= written["versions"].keys()
     rows = {(r["setting"], r["data"]): r for r in written["results"]}
     fast = "fast fp32/nchw/eager/device-aug"
-    assert set(rows) == {("plain", "synthetic"), ("plain", "folder"), (fast, "synthetic"), (fast, "folder")}
+    reference = "reference fp32/nchw"  # the 40-line loop: synthetic float views only
+    assert set(rows) == {("plain", "synthetic"), ("plain", "folder"), (fast, "synthetic"), (fast, "folder"),
+                         (reference, "synthetic")}
+    loop = rows[(reference, "synthetic")]
+    assert loop["loop"] == "reference" and loop["mean_loss"] > 0
     for (setting, _), row in rows.items():
         assert row["images_per_s"] > 0 and len(row["images_per_s_runs"]) == 2 and row["rounds"] == 2
         assert row["ratio_vs_plain"] == (1.0 if setting == "plain" else pytest.approx(
             row["images_per_s"] / rows[("plain", row["data"])]["images_per_s"], rel=1e-2))
-    assert "| plain |" in capsys.readouterr().out
+        assert row["ratio_vs_reference"] == pytest.approx(row["images_per_s"] / loop["images_per_s"], rel=1e-2)
+        if written["device"]["type"] == "cpu":  # CPU-time figures are kept on the CPU only
+            assert row["cpu_ratio_vs_reference"] == pytest.approx(
+                row["cpu_images_per_s"] / loop["cpu_images_per_s"], rel=1e-2)
+    output = capsys.readouterr().out
+    assert "| plain |" in output and f"| {reference} |" in output
 
 
 def test_bench_loader_reports_each_pipeline_per_worker_count(jpeg_folder, tmp_path):
@@ -64,3 +75,21 @@ def test_bench_loader_reports_each_pipeline_per_worker_count(jpeg_folder, tmp_pa
     assert rows[("fast-cpu", 1)]["loader_over_training"] == pytest.approx(rows[("fast-cpu", 1)]["images_per_s"] / 100,
                                                                           rel=1e-2)
     assert "loader_over_training" not in rows[("decode", 0)]
+
+
+def test_the_reference_loop_computes_the_same_loss_as_the_project():
+    """Two independent implementations of SupCon L_out (the reference's formula and supcon.losses) agree."""
+    import torch
+    import torch.nn.functional as F
+
+    from supcon.losses import SupConLoss
+
+    bench = load_script("bench_train")
+    generator = torch.Generator().manual_seed(3)
+    features = F.normalize(torch.randn(12, 2, 16, generator=generator, dtype=torch.float64), dim=-1)
+    labels = torch.randint(0, 4, (12,), generator=generator)
+    labels[-1] = 9  # a label seen once: its views are each other's only positive
+    expected = SupConLoss(temperature=0.1)(features, labels)
+    # supcon.losses computes in float32
+    assert bench.reference_supcon_loss(features, labels, temperature=0.1).item() == pytest.approx(expected.item(),
+                                                                                          rel=1e-6)
