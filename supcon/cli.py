@@ -85,6 +85,12 @@ D = TrainConfig()
 @click.option("--allow-split-class-names", is_flag=True,
               help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose "
                    "classes really have those names; otherwise a dataset root given as an image folder is refused.")
+@click.option("--allow-data-change", is_flag=True,
+              help="On --resume, continue although images were added, removed or renamed in the data folder since "
+                   "the run started (logged and recorded in config.yaml); otherwise such a resume is refused.")
+@click.option("--keep-last", type=int, default=D.keep_last, show_default=True,
+              help="Keep only the newest N ckpt_epoch_<N>.pth files (older ones are deleted once a newer one is "
+                   "written; 0 keeps all). last.pth is always kept.")
 @click.option("--knn-every", type=int, default=D.knn_every, show_default=True,
               help="Run the kNN monitor every N epochs (0: off).")
 @click.option("--knn-k", type=int, default=D.knn_k, show_default=True, help="Neighbours of the kNN monitor.")

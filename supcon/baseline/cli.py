@@ -80,6 +80,9 @@ D = BaselineConfig()
               help="[default: runs/<model>_baseline_bs<batch>_<timestamp> (a grid: <model>_baseline_grid_...)]")
 @click.option("--resume", is_flag=True, help="Continue the run (or grid) in --run-dir (starts it if new).")
 @click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
+@click.option("--allow-data-change", is_flag=True,
+              help="On --resume, continue although images were added, removed or renamed in the data folder since "
+                   "the run started (logged and recorded in config.yaml); otherwise such a resume is refused.")
 @click.option("--allow-split-class-names", is_flag=True,
               help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose "
                    "classes really have those names; otherwise a dataset root given as an image folder is refused.")
