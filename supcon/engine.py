@@ -153,6 +153,13 @@ def _missing_optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                        if p.requires_grad)
 
 
+def _peer_gone(exc: BaseException) -> bool:
+    """True for the error a collective raises when another process of the group has exited."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def free_bytes(folder: Path) -> int:
     """Free bytes on the filesystem of ``folder`` (or of its nearest existing parent)."""
     folder = Path(folder).absolute()
@@ -565,12 +572,19 @@ class RunEngine:
             if exc.errno in DISK_FULL_ERRNOS:
                 raise self.disk_full_error(exc) from None
             raise
-        except RuntimeError as exc:
-            if self.world > 1 and isinstance(exc, torch.distributed.DistError):
-                # a collective failed because another process is gone: its own error says why
-                raise UserError(f"process {self.accelerator.process_index}: another process of this run stopped "
-                                f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
-                                f"its message is above; the last good checkpoint in {self.run_dir} is kept") from None
+        except UserError:
+            raise
+        except Exception as exc:
+            if self.world == 1:
+                raise
+            if _peer_gone(exc):
+                # a collective failed because another process is gone; that process printed why
+                raise UserError(f"process {self.accelerator.process_index} of {self.world}: stopped because another "
+                                "process of the run stopped (its message is above); the last good checkpoint in "
+                                f"{self.run_dir} is kept") from None
+            logger.error("process %d of %d failed (%s: %s); the launcher stops the others; the last good checkpoint "
+                         "in %s is kept", self.accelerator.process_index, self.world, type(exc).__name__,
+                         str(exc).strip().splitlines()[0] if str(exc).strip() else "", self.run_dir)
             raise
         finally:
             self.stop.restore()

@@ -324,3 +324,24 @@ def test_baseline_refuses_changed_images_too(data, tmp_path):
     result = invoke(baseline_command, [*args, "--resume"])
     assert result.exit_code == 2
     assert errors_of(result)[0].startswith(f"Error: the training images changed since {run_dir} started (")
+
+
+# --- 5. (see also tests/test_faults_distributed.py) non-finite weights are never saved -------------------------------
+
+
+def test_a_save_of_non_finite_weights_is_refused_and_the_last_good_file_stays(tmp_path):
+    from supcon.engine import RunEngine
+    from supcon.errors import UserError
+
+    engine = RunEngine("fp32", progress=False)
+    engine.choose_run_dir(str(tmp_path / "run"), resume=False, default_name="x", batch_size=2)
+    try:
+        good = {"encoder": {"w": torch.ones(3)}, "head": {"w": torch.ones(2)}, "epoch": 1}
+        engine.save({"last.pth": good})
+        before = (tmp_path / "run" / "last.pth").read_bytes()
+        bad = {"encoder": {"w": torch.tensor([1.0, float("nan"), 1.0])}, "head": {"w": torch.ones(2)}, "epoch": 2}
+        with pytest.raises(UserError, match="last.pth: its encoder weights are not finite; the last good checkpoint"):
+            engine.save({"last.pth": bad})
+        assert (tmp_path / "run" / "last.pth").read_bytes() == before
+    finally:
+        engine.close()
