@@ -153,11 +153,11 @@ def _bench_train():
 
 def project_step(args, data_path: str):
     """``run(steps) -> None``: train_one_epoch over ``steps`` synthetic batches, as bench_train builds it."""
+    from supcon.engine import make_accelerator
     from supcon.gpu_augment import AugmentSpec, DeviceAugment
     from supcon.losses import SupConLoss
     from supcon.models import build_model
     from supcon.schedule import LRSchedule
-    from supcon.engine import make_accelerator
     from supcon.train import train_one_epoch
 
     bench = _bench_train()

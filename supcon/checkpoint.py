@@ -62,6 +62,23 @@ class CorruptCheckpoint(UserError):
     """A file that cannot be read back: truncated, or damaged bytes (not an unsafe one)."""
 
 
+def _damaged_member(path: Path) -> str | None:
+    """The first entry of a zip-format checkpoint whose bytes fail their CRC (None when all pass).
+
+    ``torch.load`` does not check the CRCs, so damaged tensor bytes (bit rot, a bad copy) would
+    load as silently wrong weights. Files that are not zips are left to ``torch.load``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None  # truncated or not a zip: torch.load says so
+    except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+        return None
+    except Exception as exc:  # zlib errors of a damaged compressed entry
+        return f"an entry ({type(exc).__name__})"
+
+
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint with ``weights_only=True``; refuse anything else with a one-line error.
 
@@ -72,6 +89,9 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    damaged = _damaged_member(path)
+    if damaged:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: damaged bytes in {damaged} (CRC mismatch)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

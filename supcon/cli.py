@@ -88,6 +88,9 @@ D = TrainConfig()
               help="[default: runs/<model>_bs<batch>_<timestamp>]")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pth (starts it if new).")
 @image_check_options
+@click.option("--keep-last", type=int, default=D.keep_last, show_default=True,
+              help="Keep only the newest N ckpt_epoch_<N>.pth files (older ones are deleted once a newer one is "
+                   "written; 0 keeps all). last.pth is always kept.")
 @click.option("--knn-every", type=int, default=D.knn_every, show_default=True,
               help="Run the kNN monitor every N epochs (0: off).")
 @click.option("--knn-k", type=int, default=D.knn_k, show_default=True, help="Neighbours of the kNN monitor.")

@@ -34,7 +34,12 @@ class OneLineErrorCommand(click.Command):
 
 
 def image_check_options(command):
-    """The image-folder checks both trainers share: ``--skip-bad-images`` and ``--allow-split-class-names``."""
+    """The image-folder checks both trainers share: ``--skip-bad-images``, ``--allow-split-class-names`` and
+    ``--allow-data-change``."""
+    command = click.option(
+        "--allow-data-change", is_flag=True,
+        help="On --resume, continue although images were added, removed or renamed in the data folder since the "
+             "run started (logged and recorded in config.yaml); otherwise such a resume is refused.")(command)
     command = click.option(
         "--allow-split-class-names", is_flag=True,
         help="Accept class folders named like dataset splits (train/val/test): only for a dataset whose classes "

@@ -21,7 +21,8 @@ from supcon.errors import UserError
 #: Options that may differ between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset(
     {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names", "stop_on_collapse",
-     "collapse_patience", "compile", "grad_checkpointing", "log_every", "knn_every", "dataset"}
+     "collapse_patience", "keep_last", "allow_data_change", "compile", "grad_checkpointing", "log_every", "knn_every",
+     "dataset"}
 )
 
 
@@ -131,6 +132,8 @@ class TrainConfig:
     resume: bool = False
     skip_bad_images: bool = False
     allow_split_class_names: bool = False
+    allow_data_change: bool = False
+    keep_last: int = 0
     log_every: int = 10
     knn_every: int = 10
     knn_k: int = 20
@@ -170,6 +173,8 @@ class TrainConfig:
             raise UserError(f"--crop-min must be in (0, 1], got {self.crop_min}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.keep_last < 0:
+            raise UserError(f"--keep-last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
         self.mean = parse_triplet(self.mean, "mean")
         self.std = parse_triplet(self.std, "std")
         self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "lr-decay-epochs")

@@ -10,9 +10,11 @@ Epochs follow :mod:`supcon.rundir`'s convention: the N-th epoch (1-based) is "ep
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -25,20 +27,31 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from supcon.checkpoint import atomic_write_bytes
+from supcon.checkpoint import CorruptCheckpoint, atomic_write_bytes, atomic_write_text
 from supcon.config import config_differences
 from supcon.errors import UserError
 from supcon.rundir import (
     CONFIG_FILE,
+    DATA_LISTING,
     LAST,
     MetricSinks,
+    checkpoint_problem,
     default_run_dir,
+    epoch_checkpoints,
     has_run_content,
+    listing_difference,
+    listing_fingerprint,
+    non_finite_weights,
     read_config,
+    read_listing,
     split_config,
 )
+from supcon.runlock import RunLock
 
 logger = logging.getLogger(__name__)
+
+#: Errors of a full disk (ENOSPC) or an exhausted quota (EDQUOT).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 #: Exit codes of an interrupted run (the shell's conventions for SIGINT / SIGTERM) and of a run
 #: stopped by --stop-on-collapse.
@@ -115,6 +128,44 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def serialized(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _missing_optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The bytes an optimizer's state will hold once it has stepped, when it holds none yet (else 0)."""
+    if optimizer.state:
+        return 0
+    slots = 2 if "betas" in optimizer.defaults else int(bool(optimizer.defaults.get("momentum")))
+    return slots * sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"]
+                       if p.requires_grad)
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """True for the error a collective raises when another process of the group has exited."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the filesystem of ``folder`` (or of its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def format_duration(seconds: float) -> str:
@@ -194,6 +245,14 @@ class RunEngine:
         self.run_dir: Path | None = None
         self.sinks: MetricSinks | None = None
         self.stop = StopFlag()
+        #: keep only the newest N ``ckpt_epoch_<N>.pth`` files (0: keep all); set by the trainer.
+        self.keep_last = 0
+        self.checkpoint_bytes: int | None = None  # the size of the newest checkpoint written or estimated
+        self._lock: RunLock | None = None
+        self._created: list[Path] = []  # folders the lock created (removed again if the run writes nothing)
+        self._set_aside: dict[str, Path] = {}  # checkpoints that did not load, moved aside before being overwritten
+        self._listing: list[str] | None = None
+        self._data_change: dict[str, Any] | None = None
 
     @property
     def device_name(self) -> str:
@@ -213,7 +272,57 @@ class RunEngine:
             self.run_dir = Path(run_dir)
         else:
             self.run_dir = Path(self.broadcast(str(default_run_dir(default_name, batch_size)), always=True))
+        self.agree(self._take_lock)
         return self.run_dir
+
+    def _take_lock(self) -> None:
+        """One training process per run directory (the main process holds ``RUN/.lock`` until :meth:`close`)."""
+        folder = self.run_dir.absolute()
+        self._created = [p for p in (folder, *folder.parents) if not p.exists()]
+        self._lock = RunLock(folder, "run dir")
+        self._lock_was_there = self._lock.path.exists()
+        try:
+            self._lock.acquire()
+        except UserError:
+            self._lock = None
+            self._remove_created()
+            raise
+
+    def _remove_created(self) -> None:
+        for folder in self._created:  # deepest first; stops at the first that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def close(self) -> None:
+        """Release the run directory; a run that wrote nothing leaves no lock file or folder behind."""
+        if self._lock is None:
+            return
+        lock, self._lock = self._lock, None
+        lock.release()
+        if not has_run_content(self.run_dir):
+            # nothing of the run to guard: a refused start leaves the folder as it found it
+            if not self._lock_was_there:
+                lock.path.unlink(missing_ok=True)
+            self._remove_created()
+
+    def agree(self, check: Callable[[], Any]) -> Any:
+        """Run ``check`` on the main process; its UserError is raised on every process (its result returned on all).
+
+        Without this, a refusal on the main process would leave the others waiting in the next
+        collective.
+        """
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", check())
+            except UserError as exc:
+                outcome = ("error", str(exc))
+        outcome = self.broadcast(outcome)
+        if outcome[0] == "error":
+            raise UserError(outcome[1])
+        return outcome[1]
 
     def open_existing(self, resume: bool) -> RecordedRun | None:
         """Refuse to overwrite a run; on ``resume`` return what it recorded (None for a new run).
@@ -256,14 +365,52 @@ class RunEngine:
                 f"({batch_size} x {global_batch // batch_size} processes); resume it with the same number of "
                 "processes")
 
-    def last_state(self, load: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
-        """The run's ``last.pth`` through ``load``, or None when there is none yet."""
+    def last_state(self, load: Callable[[Path], dict[str, Any]], recorded: RecordedRun | None = None
+                   ) -> dict[str, Any] | None:
+        """The state to resume from through ``load``: ``last.pth``, or None when there is none yet.
+
+        A ``last.pth`` that does not load or fails :func:`supcon.rundir.checkpoint_problem` is named,
+        and the newest ``ckpt_epoch_<N>.pth`` that passes is used instead (what was skipped is
+        logged). The bad files are left as they are; one that a save would overwrite is first
+        renamed to ``<name>.corrupt-<time>`` (see :meth:`save`).
+
+        Raises:
+            UserError: an unsafe file, or no checkpoint of the run loads.
+        """
         path = self.run_dir / LAST
-        return load(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        run_info = recorded.run_info if recorded else None
+        skipped: list[str] = []
+        for name, candidate, epoch in [(LAST, path, None), *[(p.name, p, n) for n, p in
+                                                              reversed(epoch_checkpoints(self.run_dir).items())]]:
+            try:
+                state = load(candidate)
+            except CorruptCheckpoint as exc:
+                problem = str(exc)
+            else:
+                problem = checkpoint_problem(state, run_info, epoch)
+                if problem is None:
+                    if skipped:
+                        logger.warning("resuming from %s instead of %s; skipped: %s. The bad files are kept "
+                                       "(set aside as <name>.corrupt-<time> before a save would overwrite them)",
+                                       candidate, path, "; ".join(skipped))
+                    return state
+                problem = f"{candidate} cannot be resumed: {problem}"
+            logger.error("%s", problem)
+            skipped.append(problem)
+            self._set_aside[name] = candidate
+        raise UserError(f"cannot resume {self.run_dir}: none of its {len(skipped)} checkpoints loads and matches the "
+                        f"run ({skipped[0]}); nothing was changed")
 
     def open_sinks(self, options: dict[str, Any], run_info: dict[str, Any], fields: list[str],
                    tags: dict[str, str], start_epoch: int) -> MetricSinks:
         """Write ``config.yaml`` (the resolved options and ``run_info``) and open the CSV and TensorBoard."""
+        if self.is_main and self._listing is not None:
+            listing_file = self.run_dir / DATA_LISTING
+            if self._data_change and listing_file.is_file():  # the listing the run had until now is kept
+                os.replace(listing_file, listing_file.with_name(f"train_images.before-epoch-{start_epoch + 1}.txt"))
+            atomic_write_text("\n".join(self._listing) + "\n", listing_file)
         self.sinks = MetricSinks(self.run_dir, {**options, "run_dir": str(self.run_dir)}, run_info, fields, tags,
                                  start_epoch, self.is_main)
         self.accelerator.wait_for_everyone()
@@ -294,16 +441,120 @@ class RunEngine:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def save(self, files: dict[str, dict[str, Any]]) -> None:
-        """Write checkpoints into the run directory (main process, atomically; one serialisation each)."""
+        """Write checkpoints into the run directory (main process, atomically; one serialisation each).
+
+        A file that did not load at resume is renamed aside first, never overwritten; with
+        :attr:`keep_last`, older ``ckpt_epoch_<N>.pth`` files are deleted once the new ones are written.
+
+        Raises:
+            UserError: non-finite weights (nothing is written), or a full disk (the previous files are
+                intact; names the folder and the space one checkpoint needs).
+        """
         if self.is_main and files:
-            serialized: dict[int, bytes] = {}
+            data: dict[int, bytes] = {}
             for name, state in files.items():
-                if id(state) not in serialized:
-                    buffer = io.BytesIO()
-                    torch.save(state, buffer)
-                    serialized[id(state)] = buffer.getvalue()
-                atomic_write_bytes(serialized[id(state)], self.run_dir / name)
+                if id(state) not in data:
+                    problem = non_finite_weights(state)
+                    if problem:
+                        raise UserError(f"refusing to save {self.run_dir / name}: {problem}; the last good "
+                                        "checkpoint is kept")
+                    data[id(state)] = serialized(state)
+                    self.checkpoint_bytes = len(data[id(state)])
+                self._move_aside(name)
+                atomic_write_bytes(data[id(state)], self.run_dir / name)
+            self._prune_periodic()
         self.accelerator.wait_for_everyone()
+
+    def _move_aside(self, name: str) -> None:
+        bad = self._set_aside.pop(name, None)
+        if bad is not None and bad.exists():
+            aside = bad.with_name(f"{bad.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(bad, aside)
+            logger.warning("%s did not load at resume: kept as %s", bad, aside)
+
+    def _prune_periodic(self) -> None:
+        if self.keep_last <= 0:
+            return
+        periodic = list(epoch_checkpoints(self.run_dir).values())
+        for old in periodic[:-self.keep_last]:
+            old.unlink(missing_ok=True)
+            logger.info("--keep-last %d: deleted %s", self.keep_last, old.name)
+
+    def check_disk_space(self, sample: dict[str, Any], optimizer: torch.optim.Optimizer, saves_to_come: int) -> None:
+        """Warn when the disk lacks room for ``saves_to_come`` checkpoints like ``sample`` (main process).
+
+        ``sample`` is serialised to measure it; before the first step the optimizer holds no
+        momentum/moments yet, so their size is added from the parameters. One more checkpoint is
+        counted for the temporary copy of an atomic write.
+        """
+        if not self.is_main:
+            return
+        self.checkpoint_bytes = len(serialized(sample)) + _missing_optimizer_state_bytes(optimizer)
+        needed = (saves_to_come + 1) * self.checkpoint_bytes
+        free = free_bytes(self.run_dir)
+        logger.info("one checkpoint is %s; the %d still to write need about %s (%s free in %s)",
+                    format_bytes(self.checkpoint_bytes), saves_to_come, format_bytes(needed), format_bytes(free),
+                    self.run_dir)
+        if free < needed:
+            logger.warning("the disk of %s has %s free, the run's checkpoints need about %s (%d x %s, plus one for "
+                           "writing): the run will stop when the disk fills; free space%s", self.run_dir,
+                           format_bytes(free), format_bytes(needed), saves_to_come,
+                           format_bytes(self.checkpoint_bytes), ", or keep fewer with --keep-last N"
+                           if saves_to_come > 1 else "")
+
+    def disk_full_error(self, exc: OSError) -> UserError:
+        need = f"; one checkpoint needs {format_bytes(self.checkpoint_bytes)}" if self.checkpoint_bytes else ""
+        return UserError(f"disk full writing to {self.run_dir} ({format_bytes(free_bytes(self.run_dir))} free{need}); "
+                         f"the previous checkpoints are intact. Free space, then continue with --resume --run-dir "
+                         f"{self.run_dir}")
+
+    # --- the training images ----------------------------------------------------------------------------------
+
+    def check_data(self, listing: list[str], recorded: RecordedRun | None, allow_change: bool, start_epoch: int
+                   ) -> None:
+        """On resume, compare the training images with the run's recorded listing (see :data:`DATA_LISTING`).
+
+        The sampler draws images by index, so an added, removed or renamed image changes every later
+        batch. :meth:`open_sinks` writes ``listing`` as the run's listing.
+
+        Raises:
+            UserError: the images changed, without ``allow_change`` (summarises the difference).
+        """
+        self._listing = listing
+        if recorded is None:
+            return
+        self.agree(lambda: self._compare_listing(listing, recorded, allow_change, start_epoch))
+
+    def _compare_listing(self, listing: list[str], recorded: RecordedRun, allow_change: bool, start_epoch: int
+                         ) -> None:
+        old = read_listing(self.run_dir)
+        fingerprint = recorded.run_info.get("data_fingerprint")
+        if old is None:
+            logger.info("%s records no list of its training images (an older run): the check that they are "
+                        "unchanged is skipped", self.run_dir)
+            return
+        difference = listing_difference(old, listing)
+        if difference is None and fingerprint in (None, listing_fingerprint(listing)):
+            return
+        difference = difference or f"{DATA_LISTING} does not match its recorded fingerprint"
+        if not allow_change:
+            raise UserError(f"the training images changed since {self.run_dir} started ({difference}); the batches "
+                            "are drawn by image index, so the run would not continue as it began. Restore the "
+                            "folder, or pass --allow-data-change to continue with the images as they are now")
+        logger.warning("--allow-data-change: continuing %s with changed training images (%s)", self.run_dir,
+                       difference)
+        self._data_change = {"epoch": start_epoch, "change": difference, "images_before": len(old),
+                             "images_now": len(listing)}
+
+    def data_facts(self, recorded: RecordedRun | None) -> dict[str, Any]:
+        """``run_info`` entries of the training images: their fingerprint and the changes accepted so far."""
+        if self._listing is None:
+            return {}
+        changes = list(recorded.run_info.get("data_changes") or []) if recorded else []
+        if self._data_change:
+            changes.append(self._data_change)
+        facts: dict[str, Any] = {"data_fingerprint": listing_fingerprint(self._listing)}
+        return {**facts, "data_changes": changes} if changes else facts
 
     # --- the epoch loop ---------------------------------------------------------------------------------------
 
@@ -314,46 +565,68 @@ class RunEngine:
         A signal stops within a step: the trainer's :meth:`~EpochTrainer.stopped_mid_epoch` state is
         saved; a signal during the last step of an epoch lets the epoch finish and be saved first.
         """
-        from tqdm.auto import tqdm
-
-        outcome = LoopOutcome(epochs_done=start_epoch)
-        session_start, session_epochs = time.perf_counter(), 0
         self.stop.install()
         try:
-            for epoch in range(start_epoch, epochs):
-                desc = f"epoch {epoch + 1}/{epochs}"
-                if session_epochs:  # the run's ETA, from this session's mean epoch time
-                    mean_epoch = (time.perf_counter() - session_start) / session_epochs
-                    desc += f" (run ETA {format_duration(mean_epoch * (epochs - epoch))})"
-                bar = tqdm(total=steps_per_epoch, initial=resume_step if epoch == start_epoch else 0, desc=desc,
-                           disable=not (self.progress and self.is_main), leave=False, dynamic_ncols=True)
-                stats = trainer.train_epoch(epoch, lambda step: self.should_stop(step, sync_every), bar)
-                bar.close()
-                if stats is None:
-                    files, message = trainer.stopped_mid_epoch(epoch)
-                    self.save(files)
-                    outcome.interrupted_by = self.stop.signal or signal.SIGTERM
-                    logger.warning("%s", message)
-                    return outcome
-                end = trainer.end_epoch(epoch + 1, stats)
-                if self.sinks is not None:
-                    self.sinks.log(end.row)
-                outcome.history.append(end.row)
-                self.save(end.files)
-                outcome.epochs_done = epoch + 1
-                session_epochs += 1
-                eta = (time.perf_counter() - session_start) / session_epochs * (epochs - epoch - 1)
-                logger.info("epoch %d/%d %s ETA %s", epoch + 1, epochs, end.summary, format_duration(eta))
-                if end.end_reason:
-                    outcome.end_reason = end.end_reason
-                    return outcome
-                if self.stop and epoch + 1 < epochs:
-                    outcome.interrupted_by = self.stop.signal
-                    logger.warning("interrupted after epoch %d; state saved to %s; continue with --resume --run-dir %s",
-                                   epoch + 1, self.run_dir / LAST, self.run_dir)
-                    return outcome
-            return outcome
+            return self._loop(trainer, start_epoch, epochs, sync_every, resume_step, steps_per_epoch)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise self.disk_full_error(exc) from None
+            raise
+        except UserError:
+            raise
+        except Exception as exc:
+            if self.world == 1:
+                raise
+            if _peer_gone(exc):
+                # a collective failed because another process is gone; that process printed why
+                raise UserError(f"process {self.accelerator.process_index} of {self.world}: stopped because another "
+                                "process of the run stopped (its message is above); the last good checkpoint in "
+                                f"{self.run_dir} is kept") from None
+            logger.error("process %d of %d failed (%s: %s); the launcher stops the others; the last good checkpoint "
+                         "in %s is kept", self.accelerator.process_index, self.world, type(exc).__name__,
+                         str(exc).strip().splitlines()[0] if str(exc).strip() else "", self.run_dir)
+            raise
         finally:
             self.stop.restore()
             if self.sinks is not None:
                 self.sinks.close()
+
+    def _loop(self, trainer: EpochTrainer, start_epoch: int, epochs: int, sync_every: int, resume_step: int,
+              steps_per_epoch: int | None) -> LoopOutcome:
+        from tqdm.auto import tqdm
+
+        outcome = LoopOutcome(epochs_done=start_epoch)
+        session_start, session_epochs = time.perf_counter(), 0
+        for epoch in range(start_epoch, epochs):
+            desc = f"epoch {epoch + 1}/{epochs}"
+            if session_epochs:  # the run's ETA, from this session's mean epoch time
+                mean_epoch = (time.perf_counter() - session_start) / session_epochs
+                desc += f" (run ETA {format_duration(mean_epoch * (epochs - epoch))})"
+            bar = tqdm(total=steps_per_epoch, initial=resume_step if epoch == start_epoch else 0, desc=desc,
+                       disable=not (self.progress and self.is_main), leave=False, dynamic_ncols=True)
+            stats = trainer.train_epoch(epoch, lambda step: self.should_stop(step, sync_every), bar)
+            bar.close()
+            if stats is None:
+                files, message = trainer.stopped_mid_epoch(epoch)
+                self.save(files)
+                outcome.interrupted_by = self.stop.signal or signal.SIGTERM
+                logger.warning("%s", message)
+                return outcome
+            end = trainer.end_epoch(epoch + 1, stats)
+            if self.sinks is not None:
+                self.sinks.log(end.row)
+            outcome.history.append(end.row)
+            self.save(end.files)
+            outcome.epochs_done = epoch + 1
+            session_epochs += 1
+            eta = (time.perf_counter() - session_start) / session_epochs * (epochs - epoch - 1)
+            logger.info("epoch %d/%d %s ETA %s", epoch + 1, epochs, end.summary, format_duration(eta))
+            if end.end_reason:
+                outcome.end_reason = end.end_reason
+                return outcome
+            if self.stop and epoch + 1 < epochs:
+                outcome.interrupted_by = self.stop.signal
+                logger.warning("interrupted after epoch %d; state saved to %s; continue with --resume --run-dir %s",
+                               epoch + 1, self.run_dir / LAST, self.run_dir)
+                return outcome
+        return outcome

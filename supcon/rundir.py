@@ -10,6 +10,9 @@ Layout::
     RUN/last.pth               the newest state (every epoch; SupCon also on SIGTERM/Ctrl-C mid-epoch)
     RUN/best.pth               baseline: the best-by-validation weights
     RUN/metrics.csv            one row per finished epoch (``epoch`` = N for the N-th epoch, 1-based)
+    RUN/train_images.txt       the training images (class/file, sorted) the run samples from, by index
+    RUN/.lock                  held by the training (or probe-all, in probe/) process while it runs
+    RUN/*.corrupt-<time>       a checkpoint that did not load, set aside by --resume (never deleted)
     RUN/tensorboard/           TensorBoard events, one point per finished epoch at step N
     RUN/probe/                 written by probe-all (features cache in probe/cache/)
     RUN/test_metrics.json      written by check-accuracies
@@ -22,7 +25,8 @@ as the TensorBoard step; a checkpoint's ``epoch`` entry counts the epochs it has
 ``run_info`` keys every run records (:func:`make_run_info`): ``kind`` (:data:`SUPCON_KIND` or
 :data:`BASELINE_KIND`), ``class_names``, ``num_classes``, ``data_folder``, ``val_folder`` (or
 None), ``model_config``, ``num_processes``, ``global_batch``, ``steps_per_epoch``,
-``bad_images_skipped``, ``device``, ``versions``; a kind adds its own (SupCon:
+``bad_images_skipped``, ``device``, ``versions``, ``data_fingerprint`` (sha256 of ``train_images.txt``;
+with ``data_changes``, one entry per accepted ``--allow-data-change``); a kind adds its own (SupCon:
 ``learning_rate_rule``, ``collapsed_loss``...; baseline: ``test_folder``, ``mean``, ``std``...).
 Runs written before ``kind`` was recorded are SupCon runs.
 """
@@ -30,6 +34,7 @@ Runs written before ``kind`` was recorded are SupCon runs.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -52,6 +57,8 @@ BEST = "best.pth"
 TENSORBOARD_DIR = "tensorboard"
 PROBE_DIR = "probe"
 CACHE_DIR = "cache"
+#: The sorted relative paths of the training images (the sampler draws images by their index in it).
+DATA_LISTING = "train_images.txt"
 RUN_INFO_KEY = "run_info"
 DEFAULT_RUNS_ROOT = "runs"
 
@@ -166,6 +173,73 @@ def load_baseline_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         UserError: missing, unsafe or corrupt file, or not written by baseline-train.
     """
     return _load_checked(path, BASELINE_FORMAT, "baseline-train")
+
+
+def checkpoint_problem(state: Any, run_info: dict[str, Any] | None, epoch: int | None = None) -> str | None:
+    """Why a loaded checkpoint cannot be a state of this run (None when it can).
+
+    Checks what a truncated-but-loadable or foreign file would get wrong: the entries a resume
+    needs, finite weights, the recorded ``model_config`` and class names, and (for
+    ``ckpt_epoch_N.pth``) that it holds the end of epoch N.
+    """
+    missing = [key for key in ("encoder", "head", "optimizer", "rng", "epoch", "model_config")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        return f"no {', '.join(missing)} entry"
+    if run_info:
+        if run_info.get("model_config") is not None and state["model_config"] != run_info["model_config"]:
+            return "its model_config differs from the run's config.yaml"
+        if run_info.get("class_names") is not None and list(state.get("class_names") or []) != run_info["class_names"]:
+            return "its class names differ from the run's config.yaml"
+    if epoch is not None and (state["epoch"] != epoch or (state.get("epoch_state") or {}).get("steps_done")):
+        return f"it holds epoch {state['epoch']}, not the end of epoch {epoch}"
+    return non_finite_weights(state)
+
+
+def non_finite_weights(state: dict[str, Any]) -> str | None:
+    """``"its encoder weights are not finite"`` (or head) when a checkpoint's weights hold NaN or inf."""
+    import torch
+
+    for part in ("encoder", "head"):
+        tensors = (t for t in (state.get(part) or {}).values() if torch.is_tensor(t) and t.is_floating_point())
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            return f"its {part} weights are not finite"
+    return None
+
+
+def image_listing(samples: list[tuple[str, int]], root: str | os.PathLike) -> list[str]:
+    """The sorted ``class/file`` paths of ``samples`` relative to ``root`` (what :data:`DATA_LISTING` holds)."""
+    root = Path(root).resolve()
+    return sorted(Path(path).resolve().relative_to(root).as_posix() for path, _ in samples)
+
+
+def listing_fingerprint(listing: list[str]) -> str:
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+
+def listing_difference(recorded: list[str], current: list[str]) -> str | None:
+    """A summary like ``3 added, 1 removed in class dog; 2 added in class cat`` (None when equal).
+
+    A renamed image counts as one removed and one added.
+    """
+    old, new = set(recorded), set(current)
+    if old == new:
+        return None
+    per_class: dict[str, list[int]] = {}
+    for paths, slot in ((new - old, 0), (old - new, 1)):
+        for path in paths:
+            per_class.setdefault(path.split("/", 1)[0], [0, 0])[slot] += 1
+    parts = []
+    for name, (added, removed) in sorted(per_class.items()):
+        counts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed")) if n]
+        parts.append(f"{', '.join(counts)} in class {name}")
+    return "; ".join(parts)
+
+
+def read_listing(run_dir: str | os.PathLike) -> list[str] | None:
+    """The run's recorded :data:`DATA_LISTING` (None for a run that recorded none)."""
+    path = Path(run_dir) / DATA_LISTING
+    return path.read_text().splitlines() if path.is_file() else None
 
 
 def find_split_folder(split: str, explicit: str | os.PathLike | None, train_folder: str | os.PathLike | None,

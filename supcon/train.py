@@ -57,6 +57,8 @@ from supcon.rundir import (
     LAST,
     SUPCON_KIND,
     epoch_checkpoint_name,
+    epoch_checkpoints,
+    image_listing,
     load_supcon_checkpoint,
     make_run_info,
     supcon_checkpoint,
@@ -462,6 +464,16 @@ def _log_resolution(config: TrainConfig, facts: dict[str, Any]) -> None:
                     AUTO_WARM_ABOVE_BATCH, config.warm_epochs)
 
 
+def _periodic_saves_to_come(run_dir: Path, config: TrainConfig, start_epoch: int) -> int:
+    """The ``ckpt_epoch_<N>.pth`` files the rest of the run adds to the disk (at most --keep-last of them)."""
+    existing = epoch_checkpoints(run_dir)
+    to_come = [e for e in range(start_epoch + 1, config.epochs + 1)
+               if (e % config.save_freq == 0 or e == config.epochs) and e not in existing]
+    if config.keep_last:  # a new file beyond the newest N replaces the oldest
+        return max(0, min(len(to_come), config.keep_last - len(existing)))
+    return len(to_come)
+
+
 def _resume_message(run_dir: Path, start_epoch: int, steps_done: int, steps_per_epoch: int, epochs: int) -> str:
     """In the convention of the interruption message: the epoch in progress (1-based) and its steps done."""
     if steps_done:
@@ -484,6 +496,13 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if (config.mean is None) != (config.std is None):
         raise UserError("give both --mean and --std, or neither (they are then computed from the data folder)")
     engine = RunEngine(config.precision or default_precision(), progress)
+    try:
+        return _train(engine, config, progress)
+    finally:
+        engine.close()
+
+
+def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResult:
     if engine.on_gpu:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     run_dir = engine.choose_run_dir(config.run_dir, config.resume, config.model, config.batch_size)
@@ -492,7 +511,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         config, precision=config.precision or default_precision(), on_gpu=engine.on_gpu, world_size=engine.world,
         recorded=recorded.options if recorded else None, recorded_info=recorded.run_info if recorded else None)
     _refuse_changes(engine, recorded, config, facts["global_batch"])
-    resume_state = engine.last_state(load_supcon_checkpoint)
+    resume_state = engine.last_state(load_supcon_checkpoint, recorded)
     finished = _finished_message(run_dir, resume_state, config) if resume_state is not None else None
     if finished:
         logger.info("%s", finished)
@@ -507,13 +526,19 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                         f"{facts['global_batch']}; lower --batch-size")
     _log_resolution(config, facts)
 
+    start_epoch = int(resume_state["epoch"]) if resume_state is not None else 0
+    engine.check_data(image_listing(index.samples, index.root), recorded, config.allow_data_change, start_epoch)
+
     trainer = SupConTrainer(engine, config, index, val_index, facts)
-    start_epoch = 0
     if resume_state is not None:
         start_epoch = trainer.load(resume_state)
         logger.info("%s", _resume_message(run_dir, start_epoch, trainer.epoch_state.steps_done,
                                           trainer.steps_per_epoch, config.epochs))
-    engine.open_sinks(trainer.options, trainer.run_info(bad_images), METRIC_FIELDS, TENSORBOARD_TAGS, start_epoch)
+    engine.keep_last = config.keep_last
+    engine.check_disk_space(trainer.checkpoint(start_epoch, trainer.epoch_state), trainer.optimizer,
+                            _periodic_saves_to_come(run_dir, config, start_epoch))
+    engine.open_sinks(trainer.options, {**trainer.run_info(bad_images), **engine.data_facts(recorded)},
+                      METRIC_FIELDS, TENSORBOARD_TAGS, start_epoch)
     trainer.make_loaders()
     outcome = engine.run_epochs(trainer, start_epoch, config.epochs, sync_every=config.log_every,
                                 resume_step=trainer.epoch_state.steps_done, steps_per_epoch=trainer.steps_per_epoch)

@@ -29,9 +29,10 @@ def invoke(args):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under ``folder``: content hash and modification time."""
+    """Every file under ``folder``: content hash and modification time (not the run lock: every start takes
+    and releases it)."""
     return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def assert_one_line_error(result, *fragments: str) -> str:
@@ -79,8 +80,8 @@ def cli_run(tmp_path_factory, solo_root):
 
 def test_run_writes_every_promised_file(cli_run):
     run_dir, output = cli_run
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pth", "config.yaml", "last.pth", "metrics.csv",
-                                                         "tensorboard"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "best.pth", "config.yaml", "last.pth",
+                                                         "metrics.csv", "tensorboard", "train_images.txt"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert f"run directory: {run_dir}" in output
 

@@ -35,9 +35,10 @@ def invoke(args):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under ``folder``: content hash and modification time."""
+    """Every file under ``folder``: content hash and modification time (not the run lock: every start takes
+    and releases it)."""
     return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def assert_one_line_error(result, *fragments: str) -> str:
@@ -67,10 +68,13 @@ def cli_run(tmp_path_factory, train_folder):
 def test_run_writes_every_promised_file(cli_run):
     run_dir, output = cli_run
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",  # released (empty) when the run ended
         "ckpt_epoch_2.pth",  # --save-freq 2
         "ckpt_epoch_3.pth",  # the final epoch
-        "config.yaml", "last.pth", "metrics.csv", "tensorboard",
+        "config.yaml", "last.pth", "metrics.csv", "tensorboard", "train_images.txt",
     ]
+    assert (run_dir / ".lock").read_text() == ""
+    assert len((run_dir / "train_images.txt").read_text().splitlines()) == 36  # 3 classes x 12 images
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert f"run directory: {run_dir}" in output
     assert "learning rate 0.00390625 = 0.5 x 8 (global batch) / 1024" in output  # printed, 0.5 * 8 / 1024

@@ -24,7 +24,7 @@ AUGMENTATIONS = ("none", "flip", "standard")
 MONITORS = ("val_loss", "val_accuracy")
 #: Options that may change between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset({"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names",
-                          "seeds", "test_folder"})
+                          "allow_data_change", "seeds", "test_folder"})
 
 
 @dataclass
@@ -70,6 +70,7 @@ class BaselineConfig:
     resume: bool = False
     skip_bad_images: bool = False
     allow_split_class_names: bool = False
+    allow_data_change: bool = False
 
     def validate(self) -> None:
         """Check one run's values (a grid is expanded first) and parse the text forms.

@@ -47,7 +47,7 @@ from supcon.data import (
     report_bad_images,
     scan_image_folder,
 )
-from supcon.engine import EpochEnd, RunEngine, default_precision, exit_code
+from supcon.engine import EpochEnd, RecordedRun, RunEngine, default_precision, exit_code
 from supcon.errors import UserError
 from supcon.rundir import (
     BAD_IMAGES_FILE,
@@ -56,6 +56,7 @@ from supcon.rundir import (
     LAST,
     baseline_checkpoint,
     find_split_folder,
+    image_listing,
     load_baseline_checkpoint,
     make_run_info,
 )
@@ -458,19 +459,23 @@ class BaselineTrainer:
             mean=self.config.mean, std=self.config.std, size=self.config.size, best=best, **extra)
 
 
-def _start(config: BaselineConfig, progress: bool) -> tuple[BaselineConfig, RunEngine, dict[str, Any] | None, str]:
+def _start(config: BaselineConfig, progress: bool) -> tuple[BaselineConfig, RunEngine, RecordedRun | None]:
     """Validate, open the run directory and refuse or resume; returns the config with its precision."""
     config = replace(config)
     config.validate()
     config = replace(config, precision=config.precision or default_precision())
     engine = RunEngine(config.precision, progress)
-    engine.choose_run_dir(config.run_dir, config.resume, f"{config.model}_baseline", config.batch_size)
-    recorded = engine.open_existing(config.resume)
-    global_batch = config.batch_size * engine.world
-    engine.refuse_changes(recorded, to_yaml_dict(config), RUNTIME_KEYS, global_batch, config.batch_size)
+    try:
+        engine.choose_run_dir(config.run_dir, config.resume, f"{config.model}_baseline", config.batch_size)
+        recorded = engine.open_existing(config.resume)
+        global_batch = config.batch_size * engine.world
+        engine.refuse_changes(recorded, to_yaml_dict(config), RUNTIME_KEYS, global_batch, config.batch_size)
+    except BaseException:
+        engine.close()
+        raise
     if recorded is not None and config.mean is None:
         config = replace(config, mean=recorded.options.get("mean"), std=recorded.options.get("std"))
-    return config, engine, engine.last_state(load_baseline_checkpoint), str(engine.run_dir)
+    return config, engine, recorded
 
 
 def train(config: BaselineConfig, progress: bool = True, data: PreparedData | None = None) -> BaselineResult:
@@ -483,8 +488,17 @@ def train(config: BaselineConfig, progress: bool = True, data: PreparedData | No
         UserError: bad input (paths, images, options, model) or a conflicting run directory, before
             anything is written; a non-finite loss during training.
     """
-    config, engine, resume_state, run_dir = _start(config, progress)
-    run_dir = Path(run_dir)
+    config, engine, recorded = _start(config, progress)
+    try:
+        return _train(engine, config, recorded, progress, data)
+    finally:
+        engine.close()
+
+
+def _train(engine: RunEngine, config: BaselineConfig, recorded: RecordedRun | None, progress: bool,
+           data: PreparedData | None) -> BaselineResult:
+    resume_state = engine.last_state(load_baseline_checkpoint, recorded)
+    run_dir = engine.run_dir
     if resume_state is not None and resume_state.get("finished"):
         logger.info("run %s is finished (%d epochs, best epoch %d): nothing to train; check-accuracies tests its "
                     "%s. To train longer, start a new run", run_dir, resume_state["epoch"],
@@ -505,12 +519,18 @@ def train(config: BaselineConfig, progress: bool = True, data: PreparedData | No
     model_config = make_model_config(config.model, len(data.classes), config.loss, config.head, config.head_hidden,
                                      config.small_input)
     config = replace(config, head=model_config["head"], head_hidden=model_config["head_hidden"])
+    engine.check_data(image_listing(data.train_samples, data.data_folder), recorded, config.allow_data_change,
+                      int(resume_state["epoch"]) if resume_state is not None else 0)
     trainer = BaselineTrainer(engine, config, data, model_config, fresh=resume_state is None)
     start_epoch = trainer.load(resume_state) if resume_state is not None else 0
     if start_epoch:
         logger.info("resuming %s at epoch %d (%d of %d epochs done)", run_dir, start_epoch + 1, start_epoch,
                     config.epochs)
-    engine.open_sinks(trainer.options, trainer.run_info(), METRIC_FIELDS, TENSORBOARD_TAGS, start_epoch)
+    # last.pth and best.pth are overwritten in place: at most one more of each while it is written
+    engine.check_disk_space(trainer.checkpoint(start_epoch, **trainer._resume_state(start_epoch)), trainer.optimizer,
+                            1)
+    engine.open_sinks(trainer.options, {**trainer.run_info(), **engine.data_facts(recorded)}, METRIC_FIELDS,
+                      TENSORBOARD_TAGS, start_epoch)
     trainer.make_loaders()
     outcome = engine.run_epochs(trainer, start_epoch, config.epochs, steps_per_epoch=trainer.steps_per_epoch)
     best = trainer.best_metrics
