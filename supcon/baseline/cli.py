@@ -6,7 +6,7 @@ import os
 
 import click
 
-from supcon.baseline.config import AUGMENTATIONS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
+from supcon.baseline.config import AUGMENTATIONS, CLASSICAL_MODELS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
 from supcon.baseline.models import HEADS
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
 
@@ -26,8 +26,12 @@ D = BaselineConfig()
 @click.option("--split-seed", type=int, default=D.split_seed, show_default=True,
               help="Seed of the --val-split (kept apart from --seed so every seed of a grid sees the same split).")
 @click.option("--model", type=str, default=D.model, show_default=True,
-              help="Any timm model name; torchvision alexnet, squeezenet1_0, googlenet; or a custom net: "
-                   "simple_cnn, plain_cnn, se_net, inception_net.")
+              help="Any timm model name; torchvision alexnet, squeezenet1_0, googlenet; a custom net: "
+                   "simple_cnn, plain_cnn, se_net, inception_net; or a classical classifier (scikit-learn, "
+                   "hyper-parameters chosen on val): svm (RBF), logreg, knn.")
+@click.option("--features", type=str, default=D.features, show_default=True,
+              help="svm/logreg/knn: 'pixels' (at a small --size, e.g. 8), 'timm:MODEL' (a frozen timm backbone; "
+                   "weights from --pretrained-file or --pretrained) or 'run:RUN' (a SupCon run's encoder).")
 @click.option("--pretrained/--no-pretrained", default=D.pretrained, show_default=True,
               help="Start from ImageNet weights via timm/torchvision (needs network).")
 @click.option("--pretrained-file", type=str,
@@ -94,6 +98,13 @@ def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     baseline_config = resolve_command_config(ctx, BaselineConfig, config, section="baseline",
                                              skip=("config", "quiet"))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch, print once
+    if baseline_config.model in CLASSICAL_MODELS:
+        from supcon.baseline.classical import fit_classical
+
+        fitted = fit_classical(baseline_config, progress=not quiet)
+        click.echo(f"{fitted.description}: val accuracy {100 * fitted.val_accuracy:.2f}%")
+        click.echo(f"run directory: {fitted.run_dir}")
+        return 0
     if is_grid(baseline_config):
         from supcon.baseline.grid import run_grid, summary_markdown
 

@@ -77,6 +77,10 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
     run_info = config.get(RUN_INFO_KEY) or {}
     if run_info.get("kind") != "baseline":
         raise UserError(f"{run_dir} is not a baseline run (its config.yaml records kind {run_info.get('kind')!r})")
+    if (run_info.get("model_config") or {}).get("family") == "classical":
+        from supcon.baseline.classical import predict_classical_run
+
+        return predict_classical_run(run_dir, test_folder, batch_size, num_workers)
     if not (run_dir / BEST).is_file():
         raise UserError(f"{run_dir} has no {BEST} yet (no epoch finished); continue it with "
                         f"baseline-train --resume --run-dir {run_dir}")
