@@ -139,9 +139,11 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
         record, state_dict = probe_checkpoint(ref, stamp, data, progress)
         save_head(run.probe_dir, record, state_dict)
         probed.append(ref.name)
-        logger.info("%s (backbone epoch %s): best val accuracy %.2f%% at head epoch %d (%.1f s)", ref.name,
+        chosen = (f"C {record.regularization_c:g} (L-BFGS)" if record.regularization_c is not None
+                  else f"head epoch {record.best_head_epoch}")
+        logger.info("%s (backbone epoch %s): best val accuracy %.2f%% at %s (%.1f s)", ref.name,
                     format_backbone_epoch(ref.backbone_epoch, ref.steps_into_epoch), 100 * record.best_val_accuracy,
-                    record.best_head_epoch, record.seconds)
+                    chosen, record.seconds)
 
     records = load_head_records(run.probe_dir, run_dir)
     csv_rows, markdown = probe_table(records)

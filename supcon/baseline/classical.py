@@ -128,6 +128,21 @@ def parse_features(text: str) -> tuple[str, str | None]:
                     f"run directory or checkpoint), got {text!r}")
 
 
+def check_features(config: BaselineConfig) -> tuple[str, str | None]:
+    """The parsed ``--features``, checked before any image is read.
+
+    Raises:
+        UserError: a malformed value, pixels at a large ``--size``, or a missing ``--pretrained-file``.
+    """
+    kind, value = parse_features(config.features)
+    if kind == PIXELS and config.size > MAX_PIXEL_SIZE:
+        raise UserError(f"--features pixels at --size {config.size} gives {3 * config.size ** 2:,} numbers per "
+                        f"image; give a small --size (at most {MAX_PIXEL_SIZE}, e.g. 8 for 8x8 digits)")
+    if config.pretrained_file and not Path(config.pretrained_file).is_file():
+        raise UserError(f"--pretrained-file not found: {config.pretrained_file}")
+    return kind, value
+
+
 def build_extractor(config: BaselineConfig, mean: list[float] | None, std: list[float] | None) -> Extractor:
     """The feature extractor ``config.features`` names (frozen, in ``eval()``).
 
@@ -139,16 +154,11 @@ def build_extractor(config: BaselineConfig, mean: list[float] | None, std: list[
     """
     from supcon.models import build_encoder
 
-    kind, value = parse_features(config.features)
+    kind, value = check_features(config)
     if kind == PIXELS:
-        if config.size > MAX_PIXEL_SIZE:
-            raise UserError(f"--features pixels at --size {config.size} gives {3 * config.size ** 2:,} numbers per "
-                            f"image; give a small --size (at most {MAX_PIXEL_SIZE}, e.g. 8 for 8x8 digits)")
         return Extractor(nn.Flatten(), config.size, list(mean), list(std), None, f"{config.size} px pixels",
                          {"features": PIXELS})
     if kind == "timm":
-        if config.pretrained_file and not Path(config.pretrained_file).is_file():
-            raise UserError(f"--pretrained-file not found: {config.pretrained_file}")
         encoder = build_encoder(value, pretrained=config.pretrained, small_input=config.small_input,
                                 pretrained_file=config.pretrained_file)
         weights = "pretrained" if config.pretrained or config.pretrained_file else "random init"
@@ -445,7 +455,7 @@ def fit_classical(config: BaselineConfig, progress: bool = True) -> ClassicalRes
     if is_grid(config):
         raise UserError(f"--model {config.model} fits its own grid of hyper-parameters on val and is deterministic; "
                         "drop --seeds and the lists of --optimizer / --learning-rate / --momentum")
-    parse_features(config.features)
+    check_features(config)
     run_dir = _resolve_run_dir(config)
     if _check_run_dir(run_dir, config):
         state = load_classical_checkpoint(run_dir / BEST)
