@@ -13,7 +13,8 @@ The features are one of:
 
 Network features are standardised per dimension with the training set's mean and std; pixels
 are not (they share one unit, and per-pixel scaling blows up the near-constant border pixels:
-on the digits it cost the SVM 2 points of val accuracy).
+on the demo's 8 px digits it lowered the best val accuracy of the SVM from 100% to 99.4%, of kNN
+from 99.2% to 97.2%).
 
 Hyper-parameters are chosen on the val folder (else a stratified ``--val-split`` of the training
 folder, as for the other baselines) from small fixed grids, the first (simplest) setting winning a tie:
