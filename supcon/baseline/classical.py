@@ -456,7 +456,7 @@ def fit_classical(config: BaselineConfig, progress: bool = True) -> ClassicalRes
     if is_grid(config):
         raise UserError(f"--model {config.model} fits its own grid of hyper-parameters on val and is deterministic; "
                         "drop --seeds and the lists of --optimizer / --learning-rate / --momentum")
-    check_features(config)
+    kind, _ = check_features(config)
     run_dir = _resolve_run_dir(config)
     if _check_run_dir(run_dir, config):
         state = load_classical_checkpoint(run_dir / BEST)
@@ -464,9 +464,12 @@ def fit_classical(config: BaselineConfig, progress: bool = True) -> ClassicalRes
         return ClassicalResult(run_dir, state["description"], float(state["val_accuracy"]),
                                dict(state["hyperparameters"]), 0.0, already_done=True)
 
-    accelerator = make_accelerator("fp32")
-    data = prepare_data(config, accelerator, progress)
-    extractor = build_extractor(config, config.mean, config.std)
+    extractor = None
+    if kind == "run":  # the run's encoder brings its own preprocessing: no mean/std to compute
+        extractor = build_extractor(config, None, None)
+        config.mean, config.std = extractor.mean, extractor.std
+    data = prepare_data(config, make_accelerator("fp32"), progress)
+    extractor = extractor or build_extractor(config, config.mean, config.std)
     from linear_probe.config import resolve_device
 
     device = resolve_device("auto")
