@@ -32,8 +32,9 @@ refit on validation images. ``best.pth`` stores what predicts, as tensors (so it
 ``torch.load(weights_only=True)``; no scikit-learn object is pickled): the SVM's support vectors,
 dual coefficients, intercepts, per-class support counts and gamma; the logistic regression's weights
 and biases; the kNN's training features and labels; the scaler's mean/std; and for network features the
-encoder's config and weights. :func:`predict_classical_run` rebuilds the predictions from them
-(tested equal to scikit-learn's own). The SVM gives no calibrated probabilities (scikit-learn's
+encoder's config and weights. :func:`predict_classical` rebuilds the predictions from them
+(tested equal to scikit-learn's own); ``supcon.baseline.evaluate.predict_run`` calls it for
+check-accuracies. The SVM gives no calibrated probabilities (scikit-learn's
 Platt scaling would need an inner cross-validation); ``check-accuracies`` gets a softmax of its
 one-vs-rest scores (scikit-learn's ``decision_function``), whose arg-max is the SVM's prediction and
 whose order gives the ROC curve.
@@ -528,46 +529,15 @@ def load_classical_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def predict_classical_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | None = None,
-                          batch_size: int = 256, num_workers: int = 0) -> dict[str, Any]:
-    """Class probabilities of a classical baseline run on a test folder (what ``predict_run`` returns).
+def predict_classical(state: dict[str, Any], path: Path, samples: list[tuple[str, int]], batch_size: int = 256,
+                      num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities [N, C], labels [N])`` of a classical ``best.pth`` on ``samples`` (``predict_run``'s core).
 
     Nothing is refit: the stored classifier (fit on the training images with the val-chosen
-    hyper-parameters) scores the test images' features.
-
-    Raises:
-        UserError: no best.pth, no/empty test folder, class names that differ, an unreadable image.
+    hyper-parameters) scores the images' features.
     """
     from linear_probe.config import resolve_device
-    from supcon.baseline.evaluate import resolve_test_folder
-    from supcon.data import check_images, report_bad_images, scan_image_folder
 
-    run_dir = Path(run_dir)
-    run_info = read_config(run_dir).get(RUN_INFO_KEY) or {}
-    if not (run_dir / BEST).is_file():
-        raise UserError(f"{run_dir} has no {BEST}: the classical baseline did not finish; run it again with "
-                        f"baseline-train --resume --run-dir {run_dir}")
-    state = load_classical_checkpoint(run_dir / BEST)
-    folder = resolve_test_folder(run_info, test_folder)
-    index = scan_image_folder(folder, "test folder")
-    if index.classes != list(state["class_names"]):
-        raise UserError(f"class names differ between the run {list(state['class_names'])} and the test folder "
-                        f"{folder} {index.classes}")
-    paths = [p for p, _ in index.samples]
-    report_bad_images(check_images(paths, False, num_workers, progress=False).bad, skip=False)
-    extractor = extractor_from_state(state, run_dir / BEST)
-    features, labels = extract(extractor, index.samples, resolve_device("auto"), batch_size, num_workers, False,
-                               "test")
-    probabilities = classifier_probabilities(features, state["classifier"])
-    return {
-        "probabilities": probabilities.numpy(),
-        "labels": labels.numpy(),
-        "class_names": list(state["class_names"]),
-        "network": state["description"],
-        "batch_size": None,
-        "selected_epoch": None,
-        "val_accuracy": float(state["val_accuracy"]),
-        "test_folder": str(Path(index.root).resolve()),
-        "paths": paths,
-    }
-
+    extractor = extractor_from_state(state, path)
+    features, labels = extract(extractor, samples, resolve_device("auto"), batch_size, num_workers, False, "test")
+    return classifier_probabilities(features, state["classifier"]).numpy(), labels.numpy()
