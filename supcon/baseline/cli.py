@@ -91,7 +91,8 @@ D = BaselineConfig()
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
-    """Train a supervised baseline classifier on an image folder, or a grid of them."""
+    """Train a supervised baseline classifier on an image folder, or a grid of them; or fit a classical one
+    (svm, logreg, knn) on pixels or frozen features."""
     from supcon.baseline.config import is_grid
 
     setup_logging()
