@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from supcon.baseline.config import CLASSICAL_MODELS, RUNTIME_KEYS, BaselineConfig, is_grid
+from supcon.baseline.train import BEST, prepare_data
 from supcon.checkpoint import atomic_save, load_checkpoint, safe_load
 from supcon.config import config_differences, to_yaml_dict
 from supcon.errors import UserError
@@ -68,7 +69,6 @@ logger = logging.getLogger(__name__)
 CLASSICAL_FAMILY = "classical"
 CLASSICAL_FORMAT = "supcon-classical-model"
 CLASSICAL_VERSION = 1
-BEST = "best.pth"
 GRID_CSV = "val_grid.csv"
 PIXELS = "pixels"
 #: Largest ``--size`` for pixel features (64 x 64 x 3 = 12,288 numbers per image).
@@ -444,7 +444,6 @@ def fit_classical(config: BaselineConfig, progress: bool = True) -> ClassicalRes
         UserError: bad options or input (folders, images, ``--features``), or a run dir that holds
             another run, before anything is written.
     """
-    from supcon.baseline.train import prepare_data
     from supcon.checkpoint import atomic_write_text
     from supcon.rundir import write_config
     from supcon.train import make_accelerator, package_versions
