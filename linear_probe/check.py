@@ -238,13 +238,16 @@ def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
                          num_workers=config.num_workers)
     class_names = list(out["class_names"])
     metrics = classification_metrics(out["labels"], out["probabilities"], class_names, config.average)
-    selection = {"selected_epoch": int(out["selected_epoch"]), "val_accuracy": float(out["val_accuracy"]),
-                 "rule": "best validation epoch recorded by baseline-train"}
-    logger.info("%s (%s, epoch %d, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name, out["network"],
-                out["selected_epoch"], 100 * out["val_accuracy"], 100 * metrics.accuracy)
-    return RunEvaluation(run.run_dir, run.kind, str(out["network"]), int(out["batch_size"]),
-                         int(out["selected_epoch"]), None, None, float(out["val_accuracy"]), str(out["test_folder"]),
-                         metrics, selection)
+    # A classical baseline (svm/logreg/knn) has neither batch nor epoch: its hyper-parameters were chosen on val.
+    epoch = None if out["selected_epoch"] is None else int(out["selected_epoch"])
+    batch_size = None if out["batch_size"] is None else int(out["batch_size"])
+    rule = ("best validation epoch recorded by baseline-train" if epoch is not None
+            else "hyper-parameters chosen on validation by baseline-train")
+    selection = {"selected_epoch": epoch, "val_accuracy": float(out["val_accuracy"]), "rule": rule}
+    logger.info("%s (%s, epoch %s, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name, out["network"],
+                "-" if epoch is None else epoch, 100 * out["val_accuracy"], 100 * metrics.accuracy)
+    return RunEvaluation(run.run_dir, run.kind, str(out["network"]), batch_size, epoch, None, None,
+                         float(out["val_accuracy"]), str(out["test_folder"]), metrics, selection)
 
 
 def _write_run_outputs(evaluation: RunEvaluation) -> None:

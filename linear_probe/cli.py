@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from linear_probe.config import AVERAGES, CheckConfig, ProbeConfig
+from linear_probe.config import AVERAGES, HEAD_SOLVERS, CheckConfig, ProbeConfig
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
 
 P = ProbeConfig()
@@ -61,6 +61,9 @@ def _command_config(ctx: click.Context, cls: type, section: str, config_path: st
 @click.option("--cosine/--no-cosine", default=P.cosine, show_default=True, help="Cosine head schedule, else constant.")
 @click.option("--augment", is_flag=True,
               help="Classic protocol: fresh augmented crops through the encoder every head epoch (slow).")
+@click.option("--head-solver", type=click.Choice(HEAD_SOLVERS), default=P.head_solver, show_default=True,
+              help="sgd: the recorded protocol (the options above); lbfgs: logistic regression by L-BFGS on the "
+                   "cached features, C chosen on val from 1e-4..1e4 (the SimCLR/CLIP linear evaluation; seconds).")
 @click.option("--force", is_flag=True, help="Re-probe checkpoints already probed with the same settings.")
 @click.option("--seed", type=int, default=P.seed, show_default=True, help="Head init, batch order and crops.")
 @click.option("--auto-tolerance", type=float, default=P.auto_tolerance, show_default=True,

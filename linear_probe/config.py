@@ -11,6 +11,9 @@ from supcon.errors import UserError
 #: ``--from auto``: choose the first backbone epoch from the run's loss curve (see ``plateau``).
 AUTO = "auto"
 
+#: ``--head-solver`` values: the recorded SGD protocol, or L-BFGS logistic regression (see ``lbfgs``).
+HEAD_SOLVERS = ("sgd", "lbfgs")
+
 #: ``--average`` values (scikit-learn's names); ``binary`` needs two classes.
 AVERAGES = ("macro", "micro", "weighted", "binary")
 
@@ -40,6 +43,7 @@ class ProbeConfig:
     epochs: int = 100
     cosine: bool = True
     augment: bool = False
+    head_solver: str = "sgd"
     force: bool = False
     seed: int = 0
     auto_tolerance: float = 0.1
@@ -79,6 +83,11 @@ class ProbeConfig:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.head_solver not in HEAD_SOLVERS:
+            raise UserError(f"--head-solver must be one of {', '.join(HEAD_SOLVERS)}, got {self.head_solver!r}")
+        if self.head_solver == "lbfgs" and self.augment:
+            raise UserError("--head-solver lbfgs fits once on the cached features of the un-augmented images; "
+                            "drop --augment (or use --head-solver sgd)")
         if not 0 < self.auto_tolerance < 1:
             raise UserError(f"--auto-tolerance must be in (0, 1), got {self.auto_tolerance}")
         if self.num_workers < 0:

@@ -50,6 +50,8 @@ class HeadRecord:
     val_loss_per_epoch: list[float] = field(default_factory=list)
     train_loss_per_epoch: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    #: L-BFGS heads: the C chosen on val; their per-epoch lists hold one value per C of the grid.
+    regularization_c: float | None = None
     path: Path | None = None
 
     def to_state(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class HeadSettings:
     cosine: bool = ProbeConfig.cosine
     augment: bool = ProbeConfig.augment
     seed: int = ProbeConfig.seed
+    head_solver: str = ProbeConfig.head_solver
 
     @classmethod
     def from_config(cls, config: ProbeConfig) -> HeadSettings:
@@ -51,11 +52,28 @@ class HeadSettings:
         return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings that decide the head (and its key).
+
+        SGD: every field but ``head_solver`` (so heads probed before the option existed keep their key).
+        L-BFGS: only what the fit depends on (solver, C grid, iterations); batch, LR, epochs do not apply.
+        """
+        if self.head_solver == "lbfgs":
+            from linear_probe.lbfgs import C_GRID, MAX_ITER
+
+            return {"head_solver": "lbfgs", "c_grid": list(C_GRID), "max_iter": MAX_ITER, "augment": False}
+        settings = asdict(self)
+        del settings["head_solver"]
+        return settings
+
+    def describe(self) -> str:
+        """E.g. ``cached, bs 256, lr 0.25, 100 ep`` (weight decay shown when not 0), or the L-BFGS label."""
+        return describe_settings(self.to_dict())
 
 
 def describe_settings(settings: dict[str, Any]) -> str:
     """A short label of head settings for tables and plot legends."""
+    if settings.get("head_solver") == "lbfgs":
+        return "cached, L-BFGS logistic regression, C on val"
     mode = "augment" if settings.get("augment") else "cached"
     text = f"{mode}, bs {settings.get('batch_size')}, lr {settings.get('learning_rate'):g}"
     if settings.get("weight_decay"):
@@ -80,6 +98,8 @@ class HeadResult:
     val_accuracy_per_epoch: list[float] = field(default_factory=list)
     val_loss_per_epoch: list[float] = field(default_factory=list)
     train_loss_per_epoch: list[float] = field(default_factory=list)
+    #: L-BFGS heads: the inverse L2 strength chosen on val (the per-epoch lists then hold one value per C).
+    regularization_c: float | None = None
 
 
 def make_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:

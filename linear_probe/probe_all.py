@@ -49,6 +49,7 @@ from linear_probe.heads import (
     load_head_records,
     save_head,
 )
+from linear_probe.lbfgs import train_lbfgs_head
 from linear_probe.plateau import AutoFrom, choose_from_run, read_curves
 from linear_probe.probe import HeadSettings, settings_key, train_linear_head
 from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
@@ -160,9 +161,11 @@ def _probe_checkpoints(run: RunInfo, data: _ProbeData, todo: list[tuple[Checkpoi
         record, state_dict = probe_checkpoint(ref, stamp, data, progress)
         save_head(run.probe_dir, record, state_dict)
         probed.append(ref.name)
-        logger.info("%s (backbone epoch %s): best val accuracy %.2f%% at head epoch %d (%.1f s)", ref.name,
+        chosen = (f"C {record.regularization_c:g} (L-BFGS)" if record.regularization_c is not None
+                  else f"head epoch {record.best_head_epoch}")
+        logger.info("%s (backbone epoch %s): best val accuracy %.2f%% at %s (%.1f s)", ref.name,
                     format_backbone_epoch(ref.backbone_epoch, ref.steps_into_epoch), 100 * record.best_val_accuracy,
-                    record.best_head_epoch, record.seconds)
+                    chosen, record.seconds)
     return probed
 
 
@@ -220,17 +223,21 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
     val_features, val_labels, _ = cached_features(data.cache, frozen_encoder, index=data.val_index,
                                                   fingerprint=data.val_fingerprint, what="val images", **common)
     num_train = len(data.train_index.samples)
-    if settings.augment:
-        batches = augmented_batches(frozen_encoder(), data.train_index.samples, data.run.size, state["mean"],
-                                    state["std"], settings.batch_size, settings.seed, device, config.num_workers)
-    else:
+    if not settings.augment:
         train_features, train_labels, _ = cached_features(data.cache, frozen_encoder, index=data.train_index,
                                                           fingerprint=data.train_fingerprint, what="train images",
                                                           **common)
-        batches = cached_batches(train_features.to(device), train_labels.to(device), settings.batch_size,
-                                 settings.seed)
-    result = train_linear_head(batches, math.ceil(num_train / settings.batch_size), val_features.to(device),
-                               val_labels.to(device), len(data.class_names), settings)
+    if settings.head_solver == "lbfgs":
+        result = train_lbfgs_head(train_features, train_labels, val_features, val_labels, len(data.class_names))
+    else:
+        if settings.augment:
+            batches = augmented_batches(frozen_encoder(), data.train_index.samples, data.run.size, state["mean"],
+                                        state["std"], settings.batch_size, settings.seed, device, config.num_workers)
+        else:
+            batches = cached_batches(train_features.to(device), train_labels.to(device), settings.batch_size,
+                                     settings.seed)
+        result = train_linear_head(batches, math.ceil(num_train / settings.batch_size), val_features.to(device),
+                                   val_labels.to(device), len(data.class_names), settings)
     if encoder is not None:
         assert_encoder_unchanged(encoder, state["encoder"], ref.path)
     record = HeadRecord(
@@ -241,6 +248,6 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
         train_folder=data.train_index.root, num_train=num_train, num_val=len(data.val_index.samples),
         feature_dim=int(val_features.shape[1]), val_accuracy_per_epoch=result.val_accuracy_per_epoch,
         val_loss_per_epoch=result.val_loss_per_epoch, train_loss_per_epoch=result.train_loss_per_epoch,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, regularization_c=result.regularization_c,
     )
     return record, result.state_dict

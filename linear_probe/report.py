@@ -172,8 +172,9 @@ def comparison_rows(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
     """The cross-run table: CSV rows and markdown, one row per run."""
     md_rows = []
     for r in results:
-        head = r["head_epoch"] if r.get("head_epoch") is not None else "-"
-        md_rows.append([f"{r['batch_size']} / {r['backbone_epoch']} / {head}", percent(r["accuracy"]),
+        bs, epoch, head = (r.get(k) if r.get(k) is not None else "-" for k in ("batch_size", "backbone_epoch",
+                                                                              "head_epoch"))
+        md_rows.append([f"{bs} / {epoch} / {head}", percent(r["accuracy"]),
                         percent(r["precision"]), percent(r["recall"]), percent(r["f1"]), r["network"],
                         Path(r["run"]).name])
     return list(results), markdown_table(COMPARISON_HEADERS, md_rows)

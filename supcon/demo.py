@@ -1,8 +1,8 @@
 """``supcon-demo``: the whole pipeline on bundled real data (scikit-learn's digits), CPU-sized.
 
 Runs the real commands, in order, as a user would type them:
-``supcon-train`` -> ``probe-all --from auto`` -> ``baseline-train`` -> ``check-accuracies`` ->
-``supcon-export`` -> ``predict`` -> ``supcon-report``.
+``supcon-train`` -> ``probe-all --from auto`` -> ``baseline-train`` (a ResNet, and an RBF SVM on the
+8x8 pixels) -> ``check-accuracies`` -> ``supcon-export`` -> ``predict`` -> ``supcon-report``.
 Re-running it continues or reuses what is already done (every stage resumes or skips).
 """
 
@@ -67,41 +67,48 @@ def demo_command(workdir: str, epochs: int, model: str, batch_size: int, size: i
     runs = root / "runs"
     supcon_run = runs / f"supcon_{model}_bs{batch_size}"
     baseline_run = runs / f"baseline_{model}"
+    svm_run = runs / "svm_pixels"
     save_freq = max(1, epochs // 12)
-    _run("1/7 SupCon pretraining", [
+    _run("1/8 SupCon pretraining", [
         "supcon-train", "--data-folder", str(data / "train"), "--model", model, "--size", str(size),
         "--batch-size", str(batch_size), "--epochs", str(epochs), "--save-freq", str(save_freq),
         "--knn-every", str(save_freq), "--num-workers", str(num_workers), "--run-dir", str(supcon_run), "--resume",
         # a mirrored digit is not the same digit (or no digit): no flips for this data
         "--no-flip",
     ])
-    _run("2/7 linear probes on the checkpoints", [
+    _run("2/8 linear probes on the checkpoints", [
         # 1,078 training images make the features separable after one head epoch; weight decay keeps
         # the head from fitting them with huge weights (val 97-98% without, 99% with; see README)
         "probe-all", "--run", str(supcon_run), "--from", "auto", "--weight-decay", "1e-2",
         "--num-workers", str(num_workers),
     ])
-    _run("3/7 supervised baseline", [
+    _run("3/8 supervised baseline", [
         "baseline-train", "--data-folder", str(data / "train"), "--model", model, "--size", str(size),
         "--epochs", str(baseline_epochs), "--batch-size", "64", "--num-workers", str(num_workers),
         "--run-dir", str(baseline_run), "--resume",
     ])
-    _run("4/7 test metrics and comparison", [
-        "check-accuracies", "--run", str(supcon_run), "--run", str(baseline_run), "--output", str(root),
+    _run("4/8 classical baseline: RBF SVM on the pixels", [
+        # the digits' own 8x8 resolution; C and gamma chosen on val (see baseline-train --help)
+        "baseline-train", "--model", "svm", "--size", "8", "--data-folder", str(data / "train"),
+        "--num-workers", str(num_workers), "--run-dir", str(svm_run), "--resume",
+    ])
+    _run("5/8 test metrics and comparison", [
+        "check-accuracies", "--run", str(supcon_run), "--run", str(baseline_run), "--run", str(svm_run),
+        "--output", str(root),
     ])
     export_dir = root / "export"
-    _run("5/7 export the selected model (plain timm weights)", [
+    _run("6/8 export the selected model (plain timm weights)", [
         "supcon-export", "--run", str(supcon_run), "--out", str(export_dir), "--force",
     ])
-    _run("6/7 classify images with it", [
+    _run("7/8 classify images with it", [
         "predict", "--run", str(supcon_run), str(data / "test"), "--out", str(root / "predictions.csv"),
         "--num-workers", str(num_workers),
     ])
-    _run("7/7 report", ["supcon-report", "--run", str(supcon_run), "--run", str(baseline_run)])
+    _run("8/8 report", ["supcon-report", "--run", str(supcon_run), "--run", str(baseline_run)])
     click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")
     click.echo(f"Comparison table: {root / 'comparison.md'}")
     click.echo(f"Plots: {supcon_run / 'probe'} (probe accuracy over the loss), "
-               f"{supcon_run} and {baseline_run} (confusion matrices)")
+               f"{supcon_run}, {baseline_run} and {svm_run} (confusion matrices)")
     click.echo(f"TensorBoard: tensorboard --logdir {runs}")
     click.echo(f"Exported model: {export_dir} (model.safetensors, classifier/); "
                f"predictions: {root / 'predictions.csv'}")

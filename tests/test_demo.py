@@ -54,7 +54,7 @@ def test_digits_export_is_reused_or_refused(tmp_path):
 
 
 def test_demo_runs_the_whole_pipeline_and_prints_the_table(tmp_path):
-    """supcon-train -> probe-all --from auto -> baseline-train -> check-accuracies, tiny settings."""
+    """supcon-train -> probe-all --from auto -> baseline-train (ResNet, SVM) -> check-accuracies, tiny settings."""
     script = Path(sys.executable).parent / "supcon-demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(script), "--workdir", str(tmp_path / "demo"), "--model", "test_resnet", "--epochs", "3",
@@ -68,13 +68,16 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(tmp_path):
     assert (supcon_run / "probe" / "probe_results.csv").is_file()
     assert (supcon_run / "probe" / "probe_plot.png").is_file()
     assert (baseline_run / "best.pth").is_file()
-    for run, kind in ((supcon_run, "supcon"), (baseline_run, "baseline")):
+    svm_run = demo / "runs" / "svm_pixels"
+    for run, kind in ((supcon_run, "supcon"), (baseline_run, "baseline"), (svm_run, "baseline")):
         report = json.loads((run / "test_metrics.json").read_text())
         assert report["kind"] == kind
         assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
         assert Path(report["test_folder"]) == (demo / "digits" / "test").resolve()
     rows = list(csv.DictReader(open(demo / "comparison.csv")))
-    assert len(rows) == 2
+    assert len(rows) == 3
+    svm_row = next(r for r in rows if r["network"].startswith("RBF SVM on 8 px pixels"))
+    assert float(svm_row["accuracy"]) > 0.95  # an RBF SVM on the 8x8 digits is a strong baseline
     assert "| Accuracy |" in done.stdout and "Comparison table" in done.stdout
     # export, predict and the report of the selected model
     assert (demo / "export" / "model.safetensors").is_file()

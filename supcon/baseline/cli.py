@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from supcon.baseline.config import AUGMENTATIONS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
+from supcon.baseline.config import AUGMENTATIONS, CLASSICAL_MODELS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
 from supcon.baseline.models import HEADS
 from supcon.cli_utils import (
     OneLineErrorCommand,
@@ -30,8 +30,12 @@ D = BaselineConfig()
 @click.option("--split-seed", type=int, default=D.split_seed, show_default=True,
               help="Seed of the --val-split (kept apart from --seed so every seed of a grid sees the same split).")
 @click.option("--model", type=str, default=D.model, show_default=True,
-              help="Any timm model name; torchvision alexnet, squeezenet1_0, googlenet; or a custom net: "
-                   "simple_cnn, plain_cnn, se_net, inception_net.")
+              help="Any timm model name; torchvision alexnet, squeezenet1_0, googlenet; a custom net: "
+                   "simple_cnn, plain_cnn, se_net, inception_net; or a classical classifier (scikit-learn, "
+                   "hyper-parameters chosen on val): svm (RBF), logreg, knn.")
+@click.option("--features", type=str, default=D.features, show_default=True,
+              help="svm/logreg/knn: 'pixels' (at a small --size, e.g. 8), 'timm:MODEL' (a frozen timm backbone; "
+                   "weights from --pretrained-file or --pretrained) or 'run:RUN' (a SupCon run's encoder).")
 @click.option("--pretrained/--no-pretrained", default=D.pretrained, show_default=True,
               help="Start from ImageNet weights via timm/torchvision (needs network).")
 @click.option("--pretrained-file", type=str,
@@ -91,7 +95,8 @@ D = BaselineConfig()
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
-    """Train a supervised baseline classifier on an image folder, or a grid of them."""
+    """Train a supervised baseline classifier on an image folder, or a grid of them; or fit a classical one
+    (svm, logreg, knn) on pixels or frozen features."""
     from supcon.baseline.config import is_grid
     from supcon.distributed import is_main_process
 
@@ -99,6 +104,13 @@ def baseline_command(ctx: click.Context, config: str | None, quiet: bool, **_):
     baseline_config = resolve_command_config(ctx, BaselineConfig, config, section="baseline",
                                              skip=("config", "quiet"))
     main_process = is_main_process()  # under torchrun / accelerate launch, print once
+    if baseline_config.model in CLASSICAL_MODELS:
+        from supcon.baseline.classical import fit_classical
+
+        fitted = fit_classical(baseline_config, progress=show_progress(quiet))
+        click.echo(f"{fitted.description}: val accuracy {100 * fitted.val_accuracy:.2f}%")
+        click.echo(f"run directory: {fitted.run_dir}")
+        return 0
     if is_grid(baseline_config):
         from supcon.baseline.grid import run_grid, summary_markdown
 

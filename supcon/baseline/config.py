@@ -22,6 +22,8 @@ SCHEDULERS = ("none", "step", "plateau", "cosine")
 LOSSES = ("ce", "bce")
 AUGMENTATIONS = ("none", "flip", "standard")
 MONITORS = ("val_loss", "val_accuracy")
+#: scikit-learn classifiers on pixels or frozen features (see :mod:`supcon.baseline.classical`).
+CLASSICAL_MODELS = ("svm", "logreg", "knn")
 #: Options that may change between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset({"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names",
                           "allow_data_change", "seeds", "test_folder"})
@@ -37,6 +39,7 @@ class BaselineConfig:
     val_split: float = 0.2
     split_seed: int = 0
     model: str = "resnet18"
+    features: str = "pixels"
     pretrained: bool = False
     pretrained_file: str | None = None
     small_input: bool = False
@@ -86,6 +89,9 @@ class BaselineConfig:
                               ("augment", AUGMENTATIONS), ("monitor", MONITORS)):
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.features != "pixels" and self.model not in CLASSICAL_MODELS:
+            raise UserError(f"--features applies to the classical models ({', '.join(CLASSICAL_MODELS)}); "
+                            f"--model {self.model} learns its own features")
         if self.head is not None and self.head not in HEADS:
             raise UserError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.pretrained and self.pretrained_file:

@@ -68,6 +68,7 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
         ``labels`` (``np.ndarray [N]``), ``class_names``, ``network`` (e.g. ``"resnet18 (baseline,
         mlp head)"``), ``batch_size`` (the training batch size), ``selected_epoch`` (the best-by-val
         epoch), ``val_accuracy``, ``test_folder`` (absolute), ``paths`` (the images, in order).
+        A classical run (``--model svm|logreg|knn``) has ``batch_size`` and ``selected_epoch`` None.
 
     Raises:
         UserError: not a baseline run, no best.pth, no/empty test folder, class names that differ,
@@ -78,10 +79,16 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
     run_info = config.get(RUN_INFO_KEY) or {}
     if run_info.get("kind") != BASELINE_KIND:
         raise UserError(f"{run_dir} is not a baseline run (its config.yaml records kind {run_info.get('kind')!r})")
+    classical = (run_info.get("model_config") or {}).get("family") == "classical"  # svm, logreg, knn
     if not (run_dir / BEST).is_file():
-        raise UserError(f"{run_dir} has no {BEST} yet (no epoch finished); continue it with "
+        raise UserError(f"{run_dir} has no {BEST} yet (it has not finished an epoch, or its fit); continue it with "
                         f"baseline-train --resume --run-dir {run_dir}")
-    state = load_baseline_checkpoint(run_dir / BEST)
+    if classical:
+        from supcon.baseline.classical import load_classical_checkpoint, predict_classical
+
+        state = load_classical_checkpoint(run_dir / BEST)
+    else:
+        state = load_baseline_checkpoint(run_dir / BEST)
     folder = resolve_test_folder(run_info, test_folder)
     allow = allow_split_names or bool(config.get("allow_split_class_names"))
     index = scan_image_folder(folder, "test folder", allow_split_names=allow)
@@ -91,6 +98,12 @@ def predict_run(run_dir: str | os.PathLike, test_folder: str | os.PathLike | Non
     paths = [p for p, _ in index.samples]
     report_bad_images(check_images(paths, False, num_workers, progress=False).bad, skip=False,
                       list_path=run_dir / BAD_IMAGES_FILE)
+    if classical:  # no batch, no epochs: its hyper-parameters were chosen on val
+        probabilities, labels = predict_classical(state, run_dir / BEST, index.samples, batch_size, num_workers)
+        return {"probabilities": probabilities, "labels": labels, "class_names": list(state["class_names"]),
+                "network": state["description"], "batch_size": None, "selected_epoch": None,
+                "val_accuracy": float(state["val_accuracy"]), "test_folder": str(Path(index.root).resolve()),
+                "paths": paths}
 
     model = build_classifier(state["model_config"])
     model.backbone.load_state_dict(state["encoder"])
