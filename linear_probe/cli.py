@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from linear_probe.config import AVERAGES, CheckConfig, ProbeConfig
+from linear_probe.config import AVERAGES, SELECTION_RULES, CheckConfig, ProbeConfig
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging
 
 P = ProbeConfig()
@@ -68,6 +68,13 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
 @click.option("--test-folder", type=str, help="[default: sibling 'test' of each run's train folder]")
 @click.option("--average", type=click.Choice(AVERAGES), default=C.average, show_default=True,
               help="Averaging of precision/recall/F1 over classes (per-class values go to the JSON).")
+@click.option("--select", type=click.Choice(SELECTION_RULES), default=C.select, show_default=True,
+              help="How a SupCon run's checkpoint is chosen on val: within-noise (the latest of those within one "
+                   "standard error of the best settled val accuracy) or max-val-acc (the recorded experiments' rule).")
+@click.option("--bootstrap", type=int, default=C.bootstrap, show_default=True,
+              help="Bootstrap resamples of the test images for the 95%% intervals and paired F1 differences (0: none).")
+@click.option("--bootstrap-seed", type=int, default=C.bootstrap_seed, show_default=True,
+              help="Seed of the bootstrap resampling.")
 @click.option("--output", type=str, help="Folder of comparison.csv/.md [default: --runs-root].")
 @click.option("--encode-batch-size", type=int, default=C.encode_batch_size, show_default=True)
 @click.option("--num-workers", type=int, default=C.num_workers, show_default=True, help="Data-loading processes.")

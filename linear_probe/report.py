@@ -20,18 +20,39 @@ from matplotlib.ticker import MaxNLocator
 from linear_probe.checkpoints import format_backbone_epoch
 from linear_probe.heads import HeadRecord
 from linear_probe.probe import describe_settings
+from linear_probe.select import settled_val_accuracy, settled_val_loss
 from supcon.checkpoint import atomic_write_bytes, atomic_write_text
+from supcon.metrics import INTERVAL_METRICS, wilson_interval
 
-PROBE_HEADERS = ["checkpoint", "backbone epoch", "best val accuracy", "head epoch"]
-PROBE_CSV_FIELDS = ["checkpoint", "backbone_epoch", "steps_into_epoch", "best_val_accuracy", "head_epoch",
-                    "best_val_loss", "settings", "settings_key", "head_file", "seconds"]
-COMPARISON_HEADERS = ["bs / backbone epoch / head epoch", "Accuracy", "Precision", "Recall", "F1", "Network", "Run"]
+PROBE_HEADERS = ["checkpoint", "backbone epoch", "best val accuracy [95% interval]", "head epoch",
+                 "settled val accuracy"]
+PROBE_CSV_FIELDS = ["checkpoint", "backbone_epoch", "steps_into_epoch", "best_val_accuracy", "best_val_low",
+                    "best_val_high", "num_val", "head_epoch", "best_val_loss", "settled_val_accuracy",
+                    "settled_val_loss", "settings", "settings_key", "head_file", "seconds"]
+COMPARISON_HEADERS = ["bs / backbone epoch / head epoch", "Accuracy", "Precision", "Recall", "F1", "AUC", "Network",
+                      "Run", "vs best"]
+_INTERVAL_FIELDS = [f"{name}_{end}" for name in INTERVAL_METRICS for end in ("low", "high")]
 COMPARISON_CSV_FIELDS = ["run", "kind", "batch_size", "backbone_epoch", "head_epoch", "checkpoint", "val_accuracy",
-                         "accuracy", "precision", "recall", "f1", "average", "roc_auc", "network", "test_folder"]
+                         "accuracy", "precision", "recall", "f1", "average", "roc_auc", *_INTERVAL_FIELDS, "num_test",
+                         "versus_best_mcnemar_exact_p", "versus_best_only_this_correct",
+                         "versus_best_only_best_correct", "versus_best_f1_difference_interval",
+                         "versus_best_distinguishable", "network", "test_folder"]
 
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def percent_interval(value: float | None, interval: Sequence[float] | None, undefined: str = "") -> str:
+    """E.g. ``98.61% [97.22, 99.44]``; without an interval the value and ``undefined``."""
+    if value is None or interval is None:
+        return percent(value) + (undefined if value is not None else "")
+    return f"{100 * value:.2f}% [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+
+def val_interval(record: HeadRecord) -> tuple[float, float]:
+    """95% Wilson interval of a head's best val accuracy on its val set."""
+    return wilson_interval(round(record.best_val_accuracy * record.num_val), record.num_val)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -61,8 +82,10 @@ def probe_table(records: Sequence[HeadRecord]) -> tuple[list[dict[str, Any]], st
     records = sort_records(records)
     csv_rows = [{
         "checkpoint": r.checkpoint, "backbone_epoch": r.backbone_epoch, "steps_into_epoch": r.steps_into_epoch,
-        "best_val_accuracy": round(r.best_val_accuracy, 6), "head_epoch": r.best_head_epoch,
-        "best_val_loss": round(r.best_val_loss, 6), "settings": describe_settings(r.settings),
+        "best_val_accuracy": round(r.best_val_accuracy, 6), "best_val_low": round(val_interval(r)[0], 6),
+        "best_val_high": round(val_interval(r)[1], 6), "num_val": r.num_val, "head_epoch": r.best_head_epoch,
+        "best_val_loss": round(r.best_val_loss, 6), "settled_val_accuracy": round(settled_val_accuracy(r), 6),
+        "settled_val_loss": round(settled_val_loss(r), 6), "settings": describe_settings(r.settings),
         "settings_key": r.settings_key,
         "head_file": r.path.name if r.path else "", "seconds": round(r.seconds, 2),
     } for r in records]
@@ -71,7 +94,8 @@ def probe_table(records: Sequence[HeadRecord]) -> tuple[list[dict[str, Any]], st
     md_rows = []
     for r in records:
         row = [r.checkpoint, format_backbone_epoch(r.backbone_epoch, r.steps_into_epoch),
-               percent(r.best_val_accuracy), r.best_head_epoch]
+               percent_interval(r.best_val_accuracy, val_interval(r)), r.best_head_epoch,
+               percent(settled_val_accuracy(r))]
         md_rows.append(row + ([describe_settings(r.settings)] if mixed else []))
     return csv_rows, markdown_table(headers, md_rows)
 
@@ -173,7 +197,17 @@ def comparison_rows(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
     md_rows = []
     for r in results:
         head = r["head_epoch"] if r.get("head_epoch") is not None else "-"
-        md_rows.append([f"{r['batch_size']} / {r['backbone_epoch']} / {head}", percent(r["accuracy"]),
-                        percent(r["precision"]), percent(r["recall"]), percent(r["f1"]), r["network"],
-                        Path(r["run"]).name])
-    return list(results), markdown_table(COMPARISON_HEADERS, md_rows)
+        intervals = r.get("intervals") or {}
+        # " [-]": bootstrapped, but a resample lacked a class (AUC on a tiny test set)
+        cells = [percent_interval(r[name], intervals.get(name), " [-]" if intervals else "")
+                 for name in INTERVAL_METRICS]
+        md_rows.append([f"{r['batch_size']} / {r['backbone_epoch']} / {head}", *cells, r["network"],
+                        Path(r["run"]).name, r.get("versus_best") or "-"])
+    csv_rows = []
+    for r in results:
+        row = dict(r)
+        for name in INTERVAL_METRICS:
+            low_high = (r.get("intervals") or {}).get(name) or [None, None]
+            row[f"{name}_low"], row[f"{name}_high"] = low_high
+        csv_rows.append(row)
+    return csv_rows, markdown_table(COMPARISON_HEADERS, md_rows)

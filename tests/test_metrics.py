@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from linear_probe.metrics import classification_metrics
 from supcon.errors import UserError
+from supcon.metrics import classification_metrics
 
 
 def one_hot_probabilities(predictions, num_classes):
@@ -39,7 +39,10 @@ def test_three_classes_macro_matches_hand_computation():
     assert m.precision == pytest.approx(11 / 18)
     assert m.recall == pytest.approx(11 / 18)
     assert m.f1 == pytest.approx((4 / 7 + 4 / 7 + 2 / 3) / 3)
-    assert m.roc_auc is None and m.roc_curve is None  # three classes: no ROC
+    # three classes: one-vs-rest macro AUC (scores 0.6 on the prediction, 0.2 elsewhere; ties count half):
+    # ant (4 pos x 6 neg) 16/24, bee (3 x 7) 14.5/21, cow (3 x 7) 16/21; no curve
+    assert m.roc_auc == pytest.approx((16 / 24 + 14.5 / 21 + 16 / 21) / 3)
+    assert m.roc_curve is None
     assert m.num_samples == 10
 
 

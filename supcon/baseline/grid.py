@@ -30,7 +30,6 @@ import yaml
 
 from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig, expand_grid
 from supcon.baseline.evaluate import predict_run
-from supcon.baseline.metrics import classification_metrics
 from supcon.baseline.models import model_family
 from supcon.baseline.train import (
     BEST,
@@ -47,6 +46,7 @@ from supcon.checkpoint import LAST, atomic_write_text
 from supcon.config import config_differences, load_yaml, to_yaml_dict
 from supcon.data import scan_image_folder
 from supcon.errors import UserError
+from supcon.metrics import classification_metrics
 from supcon.rundir import default_run_dir, has_run_content
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _test_cell(cell: BaselineConfig, run_dir: Path, status: str, test_folder: st
     if not (run_dir / BEST).is_file():
         return row
     prediction = predict_run(run_dir, test_folder=test_folder, num_workers=cell.num_workers)
-    metrics = classification_metrics(prediction["probabilities"], prediction["labels"])
+    metrics = classification_metrics(prediction["labels"], prediction["probabilities"]).summary()
     row.update(best_epoch=prediction["selected_epoch"], val_accuracy=prediction["val_accuracy"],
                test_loss=metrics["loss"], test_accuracy=metrics["accuracy"], test_auc=metrics["auc"],
                test_f1=metrics["f1"])

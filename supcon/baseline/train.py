@@ -34,7 +34,6 @@ from accelerate.utils import broadcast_object_list, set_seed
 from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig
 from supcon.baseline.data import AugmentedDataset, stratified_split, train_transform
 from supcon.baseline.losses import ClassifierLoss, logits_to_probabilities
-from supcon.baseline.metrics import classification_metrics
 from supcon.baseline.models import build_model, check_input_size, describe_model, freeze_blocks, make_model_config
 from supcon.checkpoint import LAST, atomic_write_bytes, rng_state, safe_load, set_rng_state
 from supcon.config import config_differences, to_yaml_dict
@@ -48,6 +47,7 @@ from supcon.data import (
     scan_image_folder,
 )
 from supcon.errors import UserError
+from supcon.metrics import classification_metrics
 from supcon.rundir import default_run_dir, has_run_content, open_run_outputs, read_config
 from supcon.train import (
     EXIT_SIGINT,
@@ -191,7 +191,7 @@ def predict(model: torch.nn.Module, loader, accelerator: Accelerator) -> tuple[t
 def evaluate(model: torch.nn.Module, loss_fn: ClassifierLoss, loader, accelerator: Accelerator) -> dict[str, float]:
     """``loss`` (main output only), ``accuracy``, ``auc`` (NaN if undefined) and macro ``f1`` on ``loader``."""
     logits, labels = predict(model, loader, accelerator)
-    metrics = classification_metrics(logits_to_probabilities(logits).numpy(), labels.numpy())
+    metrics = classification_metrics(labels.numpy(), logits_to_probabilities(logits).numpy()).summary()
     metrics["loss"] = float(loss_fn.single(logits, labels).item())
     return metrics
 
