@@ -31,17 +31,18 @@ from linear_probe.checkpoints import assert_encoder_unchanged, build_frozen_enco
 from linear_probe.compare import EXPLANATION, PairedResult, compare_to_best
 from linear_probe.config import CheckConfig, resolve_device
 from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
-from linear_probe.heads import HEADS_DIR, HeadRecord, load_head_records, load_head_state
+from linear_probe.heads import FINAL_STATE_DICT, HEADS_DIR, HeadRecord, load_head_records, load_head_state
 from linear_probe.probe import make_head
 from linear_probe.report import (
     COMPARISON_CSV_FIELDS,
     comparison_rows,
+    percent_interval,
     plot_confusion_matrix,
     plot_roc,
     write_csv,
 )
 from linear_probe.runs import BASELINE_KIND, PROBE_DIR, RunInfo, resolve_folder, scan_checked
-from linear_probe.select import RULE_TEXT, Selection, select
+from linear_probe.select import RULE_TEXT, Selection, select, settled_val_accuracy
 from supcon.checkpoint import atomic_write_text, load_checkpoint
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
@@ -76,6 +77,7 @@ class RunEvaluation:
     predictions: np.ndarray | None = field(default=None, repr=False)
     versus_best: PairedResult | None = None
     comparison: str = "-"  # the "vs best" cell when there is no paired result: "best", "other test images", "-"
+    chosen: str = ""  # which model was tested, for the plots' titles
 
     def to_json(self) -> dict[str, Any]:
         metrics = self.metrics.to_dict()
@@ -241,7 +243,7 @@ def _compare_runs(evaluations: list[RunEvaluation], config: CheckConfig) -> None
 
 def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.device,
                      progress: bool) -> RunEvaluation:
-    run, best = plan.run, plan.best
+    run, best, chosen = plan.run, plan.best, plan.selection
     path = run.run_dir / best.checkpoint
     state = load_checkpoint(path)
     if not best.checkpoint_stamp.matches(path):
@@ -249,8 +251,13 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     class_names = run.class_names or best.class_names
     check_checkpoint(state, path, run.model_config, class_names)
     encoder = build_frozen_encoder(state, path).to(device)
+    head_state = load_head_state(best.path)
+    if chosen.final_head and FINAL_STATE_DICT not in head_state:
+        logger.warning("%s holds no final head (written by an older probe-all); testing its best-val head "
+                       "instead. probe-all --force --run %s stores final heads.", best.path, run.run_dir)
+        chosen.final_head = False
     head = make_head(best.feature_dim, len(class_names), seed=0)
-    head.load_state_dict(load_head_state(best.path)["state_dict"])
+    head.load_state_dict(head_state[FINAL_STATE_DICT if chosen.final_head else "state_dict"])
     head.to(device).eval()
     features, labels, _ = cached_features(
         FeatureCache(run.cache_dir), lambda: encoder, best.checkpoint_stamp.sha256, plan.test_index,
@@ -262,24 +269,33 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     assert_encoder_unchanged(encoder, state["encoder"], path)
     metrics = classification_metrics(labels.numpy(), probabilities, class_names, config.average, config.bootstrap,
                                      config.bootstrap_seed)
-    chosen = plan.selection
-    selection = {
-        "checkpoint": best.checkpoint, "checkpoint_sha256": best.checkpoint_stamp.sha256,
-        "backbone_epoch": best.backbone_epoch, "steps_into_epoch": best.steps_into_epoch,
-        "head_epoch": best.best_head_epoch, "val_accuracy": best.best_val_accuracy, "val_loss": best.best_val_loss,
-        "val_accuracy_interval": list(wilson_interval(round(best.best_val_accuracy * best.num_val), best.num_val)),
-        "num_val": best.num_val, "val_folder": best.val_folder, "head_file": str(best.path), "settings": best.settings,
-        "candidates": chosen.candidates, "rule": chosen.rule, "rule_text": RULE_TEXT[chosen.rule],
-        "scores": chosen.scores, "within_noise": [r.checkpoint for r in chosen.within_noise],
-        "noise_band": chosen.band, "note": chosen.note(),
-    }
     model = run.model_config.get("model", "?")
     logger.info("%s: %s (backbone epoch %d, head epoch %d, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name,
-                best.checkpoint, best.backbone_epoch, best.best_head_epoch, 100 * best.best_val_accuracy,
+                best.checkpoint, best.backbone_epoch, chosen.head_epoch, 100 * chosen.val_accuracy,
                 100 * metrics.accuracy)
+    head_kind = "final" if chosen.final_head else "best val"
     return RunEvaluation(run.run_dir, run.kind, f"SupCon {model}", run.global_batch, best.backbone_epoch,
-                         best.best_head_epoch, best.checkpoint, best.best_val_accuracy, plan.test_index.root,
-                         metrics, selection, labels.numpy(), probabilities.argmax(axis=1))
+                         chosen.head_epoch, best.checkpoint, chosen.val_accuracy, plan.test_index.root,
+                         metrics, _selection_summary(chosen), labels.numpy(), probabilities.argmax(axis=1),
+                         chosen=f"{best.checkpoint}, {head_kind} head (epoch {chosen.head_epoch}), {chosen.rule}")
+
+
+def _selection_summary(chosen: Selection) -> dict[str, Any]:
+    """The ``selection`` block of a SupCon run's test_metrics.json (validation facts only)."""
+    best = chosen.record
+    return {
+        "checkpoint": best.checkpoint, "checkpoint_sha256": best.checkpoint_stamp.sha256,
+        "backbone_epoch": best.backbone_epoch, "steps_into_epoch": best.steps_into_epoch,
+        "head": "final" if chosen.final_head else "best", "head_epoch": chosen.head_epoch,
+        "val_accuracy": chosen.val_accuracy, "val_loss": chosen.val_loss,
+        "val_accuracy_interval": list(wilson_interval(round(chosen.val_accuracy * best.num_val), best.num_val)),
+        "best_val_accuracy": best.best_val_accuracy, "best_head_epoch": best.best_head_epoch,
+        "settled_val_accuracy": settled_val_accuracy(best), "num_val": best.num_val, "val_folder": best.val_folder,
+        "head_file": str(best.path), "settings": best.settings, "candidates": chosen.candidates,
+        "rule": chosen.rule, "rule_text": RULE_TEXT[chosen.rule], "scores": chosen.scores,
+        "within_noise": [r.checkpoint for r in chosen.within_noise], "noise_band": chosen.band,
+        "note": chosen.note(),
+    }
 
 
 def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
@@ -290,18 +306,21 @@ def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
                                      config.bootstrap, config.bootstrap_seed)
     selection = {"selected_epoch": int(out["selected_epoch"]), "val_accuracy": float(out["val_accuracy"]),
                  "rule": "best validation epoch recorded by baseline-train"}
+    chosen = f"best.pth (epoch {int(out['selected_epoch'])}, best val epoch)"
     logger.info("%s (%s, epoch %d, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name, out["network"],
                 out["selected_epoch"], 100 * out["val_accuracy"], 100 * metrics.accuracy)
     return RunEvaluation(run.run_dir, run.kind, str(out["network"]), int(out["batch_size"]),
                          int(out["selected_epoch"]), None, None, float(out["val_accuracy"]), str(out["test_folder"]),
                          metrics, selection, np.asarray(out["labels"]).astype(int),
-                         np.asarray(out["probabilities"]).argmax(axis=1))
+                         np.asarray(out["probabilities"]).argmax(axis=1), chosen=chosen)
 
 
 def _write_run_outputs(evaluation: RunEvaluation) -> None:
     run_dir, metrics = evaluation.run_dir, evaluation.metrics
     atomic_write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", run_dir / METRICS_JSON)
-    title = f"{run_dir.name}: test accuracy {100 * metrics.accuracy:.2f}%"
+    title = f"{run_dir.name}: test accuracy {percent_interval(metrics.accuracy, metrics.intervals.get('accuracy'))}"
+    if evaluation.chosen:
+        title += f"\n{evaluation.chosen}"
     plot_confusion_matrix(run_dir / CONFUSION_PNG, metrics.confusion_matrix, metrics.class_names, title)
     if metrics.roc_curve is not None:
         plot_roc(run_dir / ROC_PNG, metrics.roc_curve["fpr"], metrics.roc_curve["tpr"], metrics.roc_auc,

@@ -75,7 +75,7 @@ def settings_key(settings: HeadSettings, **data: Any) -> str:
 
 @dataclass
 class HeadResult:
-    """The outcome of training one head: the best epoch by val accuracy and its weights."""
+    """The outcome of training one head: the best epoch by val accuracy and its weights, and the final head."""
 
     best_val_accuracy: float
     best_head_epoch: int  # 1-based
@@ -84,6 +84,7 @@ class HeadResult:
     val_accuracy_per_epoch: list[float] = field(default_factory=list)
     val_loss_per_epoch: list[float] = field(default_factory=list)
     train_loss_per_epoch: list[float] = field(default_factory=list)
+    final_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def make_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
@@ -154,4 +155,6 @@ def _train(head, optimizer, schedule, epoch_batches, val_features, val_labels, s
             result.best_head_epoch = head_epoch + 1
             result.best_val_loss = val_loss
             result.state_dict = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    # the head at the end of the schedule: what the default selection uses (its val accuracy is no maximum)
+    result.final_state_dict = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     return result

@@ -135,8 +135,8 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
 
     probed = []
     for ref, stamp in tqdm(todo, desc="checkpoints", disable=not progress, leave=False):
-        record, state_dict = probe_checkpoint(ref, stamp, data, progress)
-        save_head(run.probe_dir, record, state_dict)
+        record, state_dict, final_state_dict = probe_checkpoint(ref, stamp, data, progress)
+        save_head(run.probe_dir, record, state_dict, final_state_dict)
         probed.append(ref.name)
         logger.info("%s (backbone epoch %s): best val accuracy %.2f%% at head epoch %d (%.1f s)", ref.name,
                     format_backbone_epoch(ref.backbone_epoch, ref.steps_into_epoch), 100 * record.best_val_accuracy,
@@ -171,8 +171,9 @@ def _prepare_data(run: RunInfo, config: ProbeConfig) -> _ProbeData:
 
 
 def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
-                     progress: bool = False) -> tuple[HeadRecord, dict[str, torch.Tensor]]:
-    """Train and validate one head on one checkpoint's frozen encoder; returns its record and weights."""
+                     progress: bool = False) -> tuple[HeadRecord, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train and validate one head on one checkpoint's frozen encoder; returns its record, the best head's
+    weights and the final head's."""
     start = time.perf_counter()
     state = load_checkpoint(ref.path)
     if not stamp.matches(ref.path):  # e.g. a last.pth that a running training replaced meanwhile
@@ -215,4 +216,4 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
         val_loss_per_epoch=result.val_loss_per_epoch, train_loss_per_epoch=result.train_loss_per_epoch,
         seconds=time.perf_counter() - start,
     )
-    return record, result.state_dict
+    return record, result.state_dict, result.final_state_dict

@@ -10,7 +10,8 @@ influence the choice. Two rules:
     half-width of the 95% Wilson interval of the best on the val set size) is as good as the best
     as far as the val set can tell; among those take the lowest settled val cross-entropy (a
     continuous score: it still moves when no image changes class), then the later backbone state.
-    The head used is the checkpoint's stored head (its best val head epoch).
+    The head tested is that checkpoint's *final* head (the last head epoch), not its luckiest one;
+    head files written before final heads were stored fall back to the best head epoch.
 ``max-val-acc``
     The single highest val accuracy over every (checkpoint, head epoch); ties by :data:`MAX_TIE_RULE`.
     The rule of the recorded experiments, which chases val noise: on 359 val images one image is
@@ -85,7 +86,10 @@ def _half_width(accuracy: float, num_val: int, confidence: float) -> float:
 
 @dataclass
 class Selection:
-    """The chosen record and why: the rule, each candidate's score, and those within the noise of the best."""
+    """The chosen record and why: the rule, each candidate's score, and those within the noise of the best.
+
+    ``final_head``: test the record's final head (``within-noise``), else its best-val head epoch.
+    """
 
     record: HeadRecord
     rule: str
@@ -94,6 +98,24 @@ class Selection:
     band: float
     within_noise: list[HeadRecord] = field(default_factory=list)
     candidates: int = 0
+    final_head: bool = False
+
+    @property
+    def head_epoch(self) -> int:
+        """1-based head epoch of the head to test."""
+        curve = self.record.val_accuracy_per_epoch
+        return len(curve) if self.final_head and curve else self.record.best_head_epoch
+
+    @property
+    def val_accuracy(self) -> float:
+        """Val accuracy of the head to test."""
+        curve = self.record.val_accuracy_per_epoch
+        return curve[-1] if self.final_head and curve else self.record.best_val_accuracy
+
+    @property
+    def val_loss(self) -> float:
+        curve = self.record.val_loss_per_epoch
+        return curve[-1] if self.final_head and curve else self.record.best_val_loss
 
     def note(self) -> str:
         """One sentence on how far the val set can tell the candidates apart."""
@@ -134,7 +156,8 @@ def select(records: Sequence[HeadRecord], rule: str = DEFAULT_RULE) -> Selection
     best = max(scores.values())
     band = _half_width(best, num_val, CONFIDENCE)
     close = [r for r in records if settled_val_accuracy(r) >= best - band - 1e-12]
-    return Selection(max(close, key=_within_noise_key), rule, num_val, scores, band, close, len(records))
+    return Selection(max(close, key=_within_noise_key), rule, num_val, scores, band, close, len(records),
+                     final_head=True)
 
 
 def select_best(records: Sequence[HeadRecord], rule: str = DEFAULT_RULE) -> HeadRecord:

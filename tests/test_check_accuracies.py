@@ -96,8 +96,10 @@ def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_
     report = json.loads((run / "test_metrics.json").read_text())
     best = select_best(load_head_records(run / "probe", run))
     selection = report["selection"]
-    assert (selection["checkpoint"], selection["head_epoch"]) == (best.checkpoint, best.best_head_epoch)
-    assert selection["val_accuracy"] == best.best_val_accuracy and selection["candidates"] == 2
+    # the default tests the chosen checkpoint's final head, with that head's val accuracy
+    assert (selection["checkpoint"], selection["head"]) == (best.checkpoint, "final")
+    assert selection["head_epoch"] == len(best.val_accuracy_per_epoch) == best.settings["epochs"]
+    assert selection["val_accuracy"] == best.val_accuracy_per_epoch[-1] and selection["candidates"] == 2
     assert selection["rule"] == "within-noise" and "95% interval" in selection["rule_text"]
     assert "2 probed checkpoints span" in selection["note"] and "on 18 val images" in selection["note"]
     low, high = selection["val_accuracy_interval"]
@@ -127,7 +129,7 @@ def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_
     assert sorted(rows) == ["baseline", "supcon"]
     supcon_row = rows["supcon"]
     assert float(supcon_row["accuracy"]) == pytest.approx(metrics["accuracy"])
-    assert supcon_row["checkpoint"] == best.checkpoint and supcon_row["head_epoch"] == str(best.best_head_epoch)
+    assert supcon_row["checkpoint"] == best.checkpoint and supcon_row["head_epoch"] == str(selection["head_epoch"])
     markdown = (runs_root / "comparison.md").read_text()
     assert "| 8 / " in markdown and "SupCon test_resnet" in markdown
 
