@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from linear_probe.check import check_accuracies
@@ -151,6 +152,31 @@ def test_runs_on_the_same_test_images_are_compared_pairwise(runs_root, tmp_path)
     assert all(float(r["accuracy_low"]) <= float(r["accuracy"]) <= float(r["accuracy_high"]) for r in rows)
 
 
+def test_head_files_without_a_final_head_fall_back_to_the_best_head(runs_root, tmp_path, caplog):
+    """Head files written before probe-all stored final heads still check, with their best-val head."""
+    run = runs_root / "supcon_probed"
+    for path in (run / "probe" / "heads").glob("*.pth"):
+        state = torch.load(path, weights_only=True)
+        del state["final_state_dict"]
+        torch.save(state, path)
+    check_accuracies(CheckConfig(runs=[str(run)], num_workers=0, output=str(tmp_path), bootstrap=0))
+    selection = json.loads((run / "test_metrics.json").read_text())["selection"]
+    best = select_best(load_head_records(run / "probe", run))
+    assert selection["head"] == "best" and selection["head_epoch"] == best.best_head_epoch
+    assert selection["val_accuracy"] == best.best_val_accuracy
+    assert "holds no final head" in caplog.text and "probe-all --force" in caplog.text
+
+
+def test_max_val_acc_rule_reproduces_the_recorded_experiments_choice(runs_root, tmp_path):
+    run = runs_root / "supcon_probed"
+    check_accuracies(CheckConfig(runs=[str(run)], num_workers=0, output=str(tmp_path), select="max-val-acc"))
+    selection = json.loads((run / "test_metrics.json").read_text())["selection"]
+    best = select_best(load_head_records(run / "probe", run), "max-val-acc")
+    assert (selection["rule"], selection["head"]) == ("max-val-acc", "best")
+    assert (selection["checkpoint"], selection["head_epoch"]) == (best.checkpoint, best.best_head_epoch)
+    assert "highest val accuracy" in (tmp_path / "comparison.md").read_text()
+
+
 def test_selection_is_blind_to_test_labels(runs_root, image_root, tmp_path):
     run = runs_root / "supcon_probed"
     flipped = tmp_path / "flipped_test"
@@ -253,3 +279,14 @@ def test_baseline_run_without_the_baseline_package(runs_root, image_root, monkey
     write_baseline_run(runs_root / "baseline", image_root / "train")
     monkeypatch.setitem(sys.modules, "supcon.baseline.evaluate", None)  # import fails
     assert_refused(["--runs-root", runs_root], "baseline runs need supcon.baseline.evaluate", runs_root)
+
+
+def test_negative_bootstrap_is_refused(runs_root):
+    assert_refused(["--runs-root", runs_root, "--bootstrap", "-1"], "--bootstrap must be >= 0", runs_root)
+
+
+def test_unknown_selection_rule_is_refused_in_yaml(runs_root, tmp_path):
+    config = tmp_path / "check.yaml"
+    config.write_text("check:\n  select: best-test\n")
+    assert_refused(["--runs-root", runs_root, "--config", config], "--select must be one of within-noise, "
+                   "max-val-acc", runs_root)
