@@ -82,3 +82,28 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert checkpoint.stat().st_mtime_ns == mtime
+
+
+def test_demo_passes_its_seed_and_pins_the_threads_of_every_step(tmp_path, monkeypatch):
+    """--seed reaches supcon-train, probe-all and baseline-train; every step runs with --threads CPU threads."""
+    from click.testing import CliRunner
+
+    import supcon.demo as demo
+
+    calls = []
+
+    def run(command, env=None):
+        calls.append((command, env))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the caller's setting does not leak into the steps
+    result = CliRunner().invoke(demo.demo_command, ["--workdir", str(tmp_path / "demo"), "--seed", "3",
+                                                    "--threads", "1", "--size", "8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    steps = {Path(command[0]).name: command for command, _ in calls}
+    assert list(steps) == ["supcon-train", "probe-all", "baseline-train", "check-accuracies"]
+    for name in ("supcon-train", "probe-all", "baseline-train"):
+        command = steps[name]
+        assert command[command.index("--seed") + 1] == "3", name
+    assert all(env[name] == "1" for _, env in calls for name in demo.THREAD_VARIABLES)
