@@ -2,10 +2,9 @@
 
 For a SupCon run the choice is made by :func:`linear_probe.select.select` (``--select``, default
 ``within-noise``) from the probe records alone (val accuracies and losses) before the test folder
-is read. A baseline run
-(``run_info.kind: baseline``) is evaluated by ``supcon.baseline.evaluate.predict_run``, which
-selected its best-by-val epoch during training. All runs are evaluated before any file is
-written, so a bad input anywhere leaves every run untouched.
+is read. A baseline run (``run_info.kind: baseline``) is evaluated by
+``supcon.baseline.evaluate.predict_run``, which selected its best-by-val epoch during training. All
+runs are evaluated before any file is written, so a bad input anywhere leaves every run untouched.
 
 Every test metric gets a seeded 95% bootstrap interval over the test images (``--bootstrap``), and
 runs tested on the same images are compared with the best one image by image (McNemar's exact test,
@@ -214,10 +213,11 @@ def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult
     files = {"csv": output / COMPARISON_CSV, "markdown": output / COMPARISON_MD}
     write_csv(files["csv"], csv_rows, COMPARISON_CSV_FIELDS)
     average = evaluations[0].metrics.average
+    intervals = (f"; in brackets a 95% bootstrap interval over the test images ({config.bootstrap} resamples, "
+                 f"seed {config.bootstrap_seed})" if config.bootstrap else "")
     atomic_write_text(
-        f"# Test accuracies\n\nPrecision, recall and F1: {average} average over classes; in brackets a 95% "
-        f"bootstrap interval over the test images ({config.bootstrap} resamples, seed {config.bootstrap_seed}). "
-        f"Each SupCon run's model was chosen on validation only ({RULE_TEXT[config.select]}).\n\n{markdown}",
+        f"# Test accuracies\n\nPrecision, recall and F1: {average} average over classes{intervals}. Each SupCon "
+        f"run's model was chosen on validation only ({RULE_TEXT[config.select]}).\n\n{markdown}",
         files["markdown"])
     return CheckResult(evaluations, markdown, files)
 
