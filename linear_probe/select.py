@@ -45,7 +45,7 @@ RULE_TEXT = {
                   "then the later backbone state",
     MAX_VAL_ACC: f"max-val-acc: {MAX_TIE_RULE}",
 }
-#: Kept for readers of the old name.
+#: The old name of the max-val-acc tie rule's text, for code written against it.
 TIE_RULE = RULE_TEXT[MAX_VAL_ACC]
 
 
