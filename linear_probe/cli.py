@@ -55,6 +55,10 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
     if result.auto is not None:
         click.echo(f"--from auto: backbone epoch {result.auto.epoch}, because {result.auto.reason}")
     click.echo(result.table_markdown)
+    if result.records:
+        from linear_probe.select import select
+
+        click.echo(f"selection on val (check-accuracies --select within-noise): {select(result.records).note()}")
     click.echo(f"probed {len(result.probed)}, skipped {len(result.skipped)} already probed; results in "
                f"{result.probe_dir} ({', '.join(p.name for p in result.files.values())})")
     return 0

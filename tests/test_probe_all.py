@@ -60,6 +60,7 @@ def test_cli_probes_every_checkpoint_and_writes_every_file(run_copy, tmp_path, m
     assert result.exit_code == 0, result.stderr
     assert "| ckpt_epoch_2.pth | 2 |" in result.stdout and "| ckpt_epoch_4.pth | 4 |" in result.stdout
     assert "probed 2, skipped 0" in result.stdout
+    assert "selection on val (check-accuracies --select within-noise): 2 probed checkpoints span" in result.stdout
     probe = run / "probe"
     rows = read_table(run)
     assert [(r["checkpoint"], r["backbone_epoch"]) for r in rows] == [("ckpt_epoch_2.pth", "2"),
