@@ -1,5 +1,7 @@
 """Frozen-feature linear probing of SupCon checkpoints, checkpoint selection on val, test metrics, reports.
 
+The test metrics themselves (with bootstrap intervals) are ``supcon.metrics``, shared with the baselines.
+
 Modules, in the order data flows through them:
 
 - ``config``: the typed options of ``probe-all`` and ``check-accuracies``.
@@ -9,8 +11,8 @@ Modules, in the order data flows through them:
 - ``probe``: training one linear head on frozen features, validating every head epoch.
 - ``plateau``: ``--from auto``, the first epoch where the loss curve has plateaued.
 - ``probe_all``: the ``probe-all`` pipeline over a run's checkpoints.
-- ``select``: the best (checkpoint, head) of a run by validation accuracy, with the tie rule.
-- ``metrics``: test metrics from scikit-learn.
+- ``select``: a run's (checkpoint, head) chosen on validation: ``within-noise`` (default) or ``max-val-acc``.
+- ``compare``: paired comparison of runs on the same test images (McNemar, paired F1 bootstrap).
 - ``check``: the ``check-accuracies`` pipeline over runs.
 - ``report``: CSV / markdown tables and PNG plots.
 - ``cli``: the two click commands.

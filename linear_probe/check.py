@@ -1,10 +1,14 @@
 """``check-accuracies``: each run's best (checkpoint, head) by validation, evaluated once on test.
 
-For a SupCon run the choice is made by :func:`linear_probe.select.select_best` from the probe
-records alone (val accuracies and losses) before the test folder is read. A baseline run
-(``run_info.kind: baseline``) is evaluated by ``supcon.baseline.evaluate.predict_run``, which
-selected its best-by-val epoch during training. All runs are evaluated before any file is
-written, so a bad input anywhere leaves every run untouched.
+For a SupCon run the choice is made by :func:`linear_probe.select.select` (``--select``, default
+``within-noise``) from the probe records alone (val accuracies and losses) before the test folder
+is read. A baseline run (``run_info.kind: baseline``) is evaluated by
+``supcon.baseline.evaluate.predict_run``, which selected its best-by-val epoch during training. All
+runs are evaluated before any file is written, so a bad input anywhere leaves every run untouched.
+
+Every test metric gets a seeded 95% bootstrap interval over the test images (``--bootstrap``), and
+runs tested on the same images are compared with the best one image by image (McNemar's exact test,
+paired F1 bootstrap; :mod:`linear_probe.compare`).
 
 Outputs: ``RUN/test_metrics.json``, ``RUN/confusion_matrix.png`` (``RUN/roc_curve.png`` for two
 classes) per run, and the comparison table ``comparison.csv`` / ``comparison.md`` in ``--output``
@@ -19,26 +23,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from linear_probe.checkpoints import assert_encoder_unchanged, build_frozen_encoder, check_checkpoint
+from linear_probe.compare import EXPLANATION, PairedResult, compare_to_best
 from linear_probe.config import CheckConfig, resolve_device
 from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
-from linear_probe.heads import HEADS_DIR, HeadRecord, load_head_records, load_head_state
-from linear_probe.metrics import TestMetrics, classification_metrics
+from linear_probe.heads import FINAL_STATE_DICT, HEADS_DIR, HeadRecord, load_head_records, load_head_state
 from linear_probe.probe import make_head
 from linear_probe.report import (
     COMPARISON_CSV_FIELDS,
     comparison_rows,
+    percent_interval,
     plot_confusion_matrix,
     plot_roc,
     write_csv,
 )
 from linear_probe.runs import BASELINE_KIND, PROBE_DIR, RunInfo, resolve_folder, scan_checked
-from linear_probe.select import TIE_RULE, select_best
+from linear_probe.select import RULE_TEXT, Selection, select, settled_val_accuracy
 from supcon.checkpoint import atomic_write_text, load_checkpoint
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
+from supcon.metrics import TestMetrics, classification_metrics, wilson_interval
 from supcon.rundir import find_runs
 
 logger = logging.getLogger(__name__)
@@ -65,20 +72,31 @@ class RunEvaluation:
     test_folder: str
     metrics: TestMetrics
     selection: dict[str, Any] = field(default_factory=dict)
+    labels: np.ndarray | None = field(default=None, repr=False)
+    predictions: np.ndarray | None = field(default=None, repr=False)
+    versus_best: PairedResult | None = None
+    comparison: str = "-"  # the "vs best" cell when there is no paired result: "best", "other test images", "-"
+    chosen: str = ""  # which model was tested, for the plots' titles
 
     def to_json(self) -> dict[str, Any]:
         metrics = self.metrics.to_dict()
         metrics.pop("roc_curve", None)
+        paired = None if self.versus_best is None else self.versus_best.to_dict()
         return {"run": str(self.run_dir), "kind": self.kind, "network": self.network, "batch_size": self.batch_size,
-                "test_folder": self.test_folder, "selection": self.selection, "metrics": metrics}
+                "test_folder": self.test_folder, "selection": self.selection, "metrics": metrics,
+                "versus_best": paired}
 
     def table_row(self) -> dict[str, Any]:
         m = self.metrics
-        return {"run": str(self.run_dir), "kind": self.kind, "batch_size": self.batch_size,
-                "backbone_epoch": self.backbone_epoch, "head_epoch": self.head_epoch, "checkpoint": self.checkpoint,
-                "val_accuracy": self.val_accuracy, "accuracy": m.accuracy, "precision": m.precision,
-                "recall": m.recall, "f1": m.f1, "average": m.average, "roc_auc": m.roc_auc, "network": self.network,
-                "test_folder": self.test_folder}
+        row = {"run": str(self.run_dir), "kind": self.kind, "batch_size": self.batch_size,
+               "backbone_epoch": self.backbone_epoch, "head_epoch": self.head_epoch, "checkpoint": self.checkpoint,
+               "val_accuracy": self.val_accuracy, "accuracy": m.accuracy, "precision": m.precision,
+               "recall": m.recall, "f1": m.f1, "average": m.average, "roc_auc": m.roc_auc, "network": self.network,
+               "test_folder": self.test_folder, "num_test": m.num_samples, "intervals": m.intervals,
+               "versus_best": self.comparison if self.versus_best is None else self.versus_best.describe()}
+        if self.versus_best is not None:
+            row.update({f"versus_best_{k}": v for k, v in self.versus_best.to_dict().items()})
+        return row
 
 
 @dataclass
@@ -92,7 +110,7 @@ class CheckResult:
 class _SupConPlan:
     run: RunInfo
     best: HeadRecord
-    candidates: int
+    selection: Selection
     test_index: ImageFolderIndex
 
 
@@ -142,11 +160,12 @@ def _plan_supcon(run: RunInfo, config: CheckConfig) -> _SupConPlan:
     if len({r.val_folder for r in records}) > 1:
         logger.warning("%s: heads were validated on different val folders (%s); their accuracies are compared as "
                        "they are", run.run_dir, ", ".join(sorted({r.val_folder for r in records})))
-    best = select_best(records)  # validation results only: the test folder is not even read yet
+    selection = select(records, config.select)  # validation results only: the test folder is not even read yet
+    best = selection.record
     class_names = run.class_names or best.class_names
     test_folder = resolve_folder(config.test_folder, run.train_folder, "test", "--test-folder")
-    return _SupConPlan(run, best, len(records), scan_checked(test_folder, "test folder", class_names,
-                                                             config.allow_split_class_names or run.allows_split_names))
+    return _SupConPlan(run, best, selection, scan_checked(test_folder, "test folder", class_names,
+                                                          config.allow_split_class_names or run.allows_split_names))
 
 
 def _predict_run():
@@ -182,21 +201,50 @@ def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult
         for plan in plans
     ]
 
+    _compare_runs(evaluations, config)
     for evaluation in evaluations:
         _write_run_outputs(evaluation)
     output = Path(config.output or config.runs_root)
     csv_rows, markdown = comparison_rows([e.table_row() for e in evaluations])
+    if len(evaluations) > 1:
+        markdown += f"\n{EXPLANATION}\n"
+    notes = [f"- {e.run_dir.name}: {e.selection['note']}" for e in evaluations if e.selection.get("note")]
+    if notes:
+        markdown += "\nSelection on val:\n" + "\n".join(notes) + "\n"
     files = {"csv": output / COMPARISON_CSV, "markdown": output / COMPARISON_MD}
     write_csv(files["csv"], csv_rows, COMPARISON_CSV_FIELDS)
     average = evaluations[0].metrics.average
-    atomic_write_text(f"# Test accuracies\n\nPrecision, recall and F1: {average} average over classes. Each run's "
-                      f"model was chosen on validation only ({TIE_RULE}).\n\n{markdown}", files["markdown"])
+    intervals = (f"; in brackets a 95% bootstrap interval over the test images ({config.bootstrap} resamples, "
+                 f"seed {config.bootstrap_seed})" if config.bootstrap else "")
+    atomic_write_text(
+        f"# Test accuracies\n\nPrecision, recall and F1: {average} average over classes{intervals}. Each SupCon "
+        f"run's model was chosen on validation only ({RULE_TEXT[config.select]}).\n\n{markdown}",
+        files["markdown"])
     return CheckResult(evaluations, markdown, files)
+
+
+def _compare_runs(evaluations: list[RunEvaluation], config: CheckConfig) -> None:
+    """Set ``versus_best`` on every run tested on the same images as the most accurate run (not on that one)."""
+    if len(evaluations) < 2:
+        return
+    best = max(evaluations, key=lambda e: e.metrics.accuracy)
+    for evaluation in evaluations:
+        same_images = (evaluation.test_folder == best.test_folder and evaluation.labels is not None
+                       and best.labels is not None and np.array_equal(evaluation.labels, best.labels))
+        if evaluation is best:
+            evaluation.comparison = "best"
+            continue
+        if not same_images:
+            evaluation.comparison = "other test images"
+            continue
+        evaluation.versus_best = compare_to_best(
+            evaluation.labels, evaluation.predictions, best.predictions, len(evaluation.metrics.class_names),
+            config.average, config.bootstrap, config.bootstrap_seed)
 
 
 def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.device,
                      progress: bool) -> RunEvaluation:
-    run, best = plan.run, plan.best
+    run, best, chosen = plan.run, plan.best, plan.selection
     path = run.run_dir / best.checkpoint
     state = load_checkpoint(path)
     if not best.checkpoint_stamp.matches(path):
@@ -204,8 +252,13 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     class_names = run.class_names or best.class_names
     check_checkpoint(state, path, run.model_config, class_names)
     encoder = build_frozen_encoder(state, path).to(device)
+    head_state = load_head_state(best.path)
+    if chosen.final_head and FINAL_STATE_DICT not in head_state:
+        logger.warning("%s holds no final head (written by an older probe-all); testing its best-val head "
+                       "instead. probe-all --force --run %s stores final heads.", best.path, run.run_dir)
+        chosen.final_head = False
     head = make_head(best.feature_dim, len(class_names), seed=0)
-    head.load_state_dict(load_head_state(best.path)["state_dict"])
+    head.load_state_dict(head_state[FINAL_STATE_DICT if chosen.final_head else "state_dict"])
     head.to(device).eval()
     features, labels, _ = cached_features(
         FeatureCache(run.cache_dir), lambda: encoder, best.checkpoint_stamp.sha256, plan.test_index,
@@ -215,21 +268,35 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     with torch.no_grad():
         probabilities = torch.softmax(head(features.to(device)), dim=1).cpu().numpy()
     assert_encoder_unchanged(encoder, state["encoder"], path)
-    metrics = classification_metrics(labels.numpy(), probabilities, class_names, config.average)
-    selection = {
-        "checkpoint": best.checkpoint, "checkpoint_sha256": best.checkpoint_stamp.sha256,
-        "backbone_epoch": best.backbone_epoch, "steps_into_epoch": best.steps_into_epoch,
-        "head_epoch": best.best_head_epoch, "val_accuracy": best.best_val_accuracy, "val_loss": best.best_val_loss,
-        "val_folder": best.val_folder, "head_file": str(best.path), "settings": best.settings,
-        "candidates": plan.candidates, "tie_rule": TIE_RULE,
-    }
+    metrics = classification_metrics(labels.numpy(), probabilities, class_names, config.average, config.bootstrap,
+                                     config.bootstrap_seed)
     model = run.model_config.get("model", "?")
     logger.info("%s: %s (backbone epoch %d, head epoch %d, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name,
-                best.checkpoint, best.backbone_epoch, best.best_head_epoch, 100 * best.best_val_accuracy,
+                best.checkpoint, best.backbone_epoch, chosen.head_epoch, 100 * chosen.val_accuracy,
                 100 * metrics.accuracy)
+    head_kind = "final" if chosen.final_head else "best val"
     return RunEvaluation(run.run_dir, run.kind, f"SupCon {model}", run.global_batch, best.backbone_epoch,
-                         best.best_head_epoch, best.checkpoint, best.best_val_accuracy, plan.test_index.root,
-                         metrics, selection)
+                         chosen.head_epoch, best.checkpoint, chosen.val_accuracy, plan.test_index.root,
+                         metrics, _selection_summary(chosen), labels.numpy(), probabilities.argmax(axis=1),
+                         chosen=f"{best.checkpoint}, {head_kind} head (epoch {chosen.head_epoch}), {chosen.rule}")
+
+
+def _selection_summary(chosen: Selection) -> dict[str, Any]:
+    """The ``selection`` block of a SupCon run's test_metrics.json (validation facts only)."""
+    best = chosen.record
+    return {
+        "checkpoint": best.checkpoint, "checkpoint_sha256": best.checkpoint_stamp.sha256,
+        "backbone_epoch": best.backbone_epoch, "steps_into_epoch": best.steps_into_epoch,
+        "head": "final" if chosen.final_head else "best", "head_epoch": chosen.head_epoch,
+        "val_accuracy": chosen.val_accuracy, "val_loss": chosen.val_loss,
+        "val_accuracy_interval": list(wilson_interval(round(chosen.val_accuracy * best.num_val), best.num_val)),
+        "best_val_accuracy": best.best_val_accuracy, "best_head_epoch": best.best_head_epoch,
+        "settled_val_accuracy": settled_val_accuracy(best), "num_val": best.num_val, "val_folder": best.val_folder,
+        "head_file": str(best.path), "settings": best.settings, "candidates": chosen.candidates,
+        "rule": chosen.rule, "rule_text": RULE_TEXT[chosen.rule], "scores": chosen.scores,
+        "within_noise": [r.checkpoint for r in chosen.within_noise], "noise_band": chosen.band,
+        "note": chosen.note(),
+    }
 
 
 def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
@@ -237,23 +304,30 @@ def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
                          allow_split_names=config.allow_split_class_names,
                          num_workers=config.num_workers)
     class_names = list(out["class_names"])
-    metrics = classification_metrics(out["labels"], out["probabilities"], class_names, config.average)
+    metrics = classification_metrics(out["labels"], out["probabilities"], class_names, config.average,
+                                     config.bootstrap, config.bootstrap_seed)
     # A classical baseline (svm/logreg/knn) has neither batch nor epoch: its hyper-parameters were chosen on val.
     epoch = None if out["selected_epoch"] is None else int(out["selected_epoch"])
     batch_size = None if out["batch_size"] is None else int(out["batch_size"])
     rule = ("best validation epoch recorded by baseline-train" if epoch is not None
             else "hyper-parameters chosen on validation by baseline-train")
     selection = {"selected_epoch": epoch, "val_accuracy": float(out["val_accuracy"]), "rule": rule}
+    chosen = (f"best.pth (epoch {epoch}, best val epoch)" if epoch is not None
+              else "best.pth (hyper-parameters chosen on val)")
     logger.info("%s (%s, epoch %s, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name, out["network"],
                 "-" if epoch is None else epoch, 100 * out["val_accuracy"], 100 * metrics.accuracy)
     return RunEvaluation(run.run_dir, run.kind, str(out["network"]), batch_size, epoch, None, None,
-                         float(out["val_accuracy"]), str(out["test_folder"]), metrics, selection)
+                         float(out["val_accuracy"]), str(out["test_folder"]), metrics, selection,
+                         np.asarray(out["labels"]).astype(int), np.asarray(out["probabilities"]).argmax(axis=1),
+                         chosen=chosen)
 
 
 def _write_run_outputs(evaluation: RunEvaluation) -> None:
     run_dir, metrics = evaluation.run_dir, evaluation.metrics
     atomic_write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", run_dir / METRICS_JSON)
-    title = f"{run_dir.name}: test accuracy {100 * metrics.accuracy:.2f}%"
+    title = f"{run_dir.name}: test accuracy {percent_interval(metrics.accuracy, metrics.intervals.get('accuracy'))}"
+    if evaluation.chosen:
+        title += f"\n{evaluation.chosen}"
     plot_confusion_matrix(run_dir / CONFUSION_PNG, metrics.confusion_matrix, metrics.class_names, title)
     if metrics.roc_curve is not None:
         plot_roc(run_dir / ROC_PNG, metrics.roc_curve["fpr"], metrics.roc_curve["tpr"], metrics.roc_auc,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from linear_probe.config import AVERAGES, HEAD_SOLVERS, CheckConfig, ProbeConfig
+from linear_probe.config import AVERAGES, HEAD_SOLVERS, SELECTION_RULES, CheckConfig, ProbeConfig
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
 
 P = ProbeConfig()
@@ -83,6 +83,10 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
     click.echo(result.table_markdown)
     if result.corrupt:
         click.echo(f"not probed, unreadable (corrupt or truncated; left as they are): {', '.join(result.corrupt)}")
+    if result.records:
+        from linear_probe.select import select
+
+        click.echo(f"selection on val (check-accuracies --select within-noise): {select(result.records).note()}")
     click.echo(f"probed {len(result.probed)}, skipped {len(result.skipped)} already probed; results in "
                f"{result.probe_dir} ({', '.join(p.name for p in result.files.values())})")
     return 0
@@ -97,6 +101,13 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
               help="[default: the run's recorded test folder, else a sibling 'test' of its train folder]")
 @click.option("--average", type=click.Choice(AVERAGES), default=C.average, show_default=True,
               help="Averaging of precision/recall/F1 over classes (per-class values go to the JSON).")
+@click.option("--select", type=click.Choice(SELECTION_RULES), default=C.select, show_default=True,
+              help="How a SupCon run's checkpoint is chosen on val: within-noise (the latest of those within one "
+                   "standard error of the best settled val accuracy) or max-val-acc (the recorded experiments' rule).")
+@click.option("--bootstrap", type=int, default=C.bootstrap, show_default=True,
+              help="Bootstrap resamples of the test images for the 95%% intervals and paired F1 differences (0: none).")
+@click.option("--bootstrap-seed", type=int, default=C.bootstrap_seed, show_default=True,
+              help="Seed of the bootstrap resampling.")
 @click.option("--output", type=str, help="Folder of comparison.csv/.md [default: --runs-root].")
 @click.option("--encode-batch-size", type=int, default=C.encode_batch_size, show_default=True)
 @_shared_options(C, "check")

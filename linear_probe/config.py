@@ -17,6 +17,9 @@ HEAD_SOLVERS = ("sgd", "lbfgs")
 #: ``--average`` values (scikit-learn's names); ``binary`` needs two classes.
 AVERAGES = ("macro", "micro", "weighted", "binary")
 
+#: ``check-accuracies --select`` rules, the default first (see ``linear_probe.select``).
+SELECTION_RULES = ("within-noise", "max-val-acc")
+
 
 def _default_workers() -> int:
     return min(8, os.cpu_count() or 1)
@@ -103,6 +106,9 @@ class CheckConfig:
     runs_root: str = "runs"
     test_folder: str | None = None
     average: str = "macro"
+    select: str = SELECTION_RULES[0]
+    bootstrap: int = 1000
+    bootstrap_seed: int = 0
     output: str | None = None
     encode_batch_size: int = 256
     num_workers: int = field(default_factory=_default_workers)
@@ -114,6 +120,10 @@ class CheckConfig:
         self.runs = [str(r) for r in (self.runs or [])]
         if self.average not in AVERAGES:
             raise UserError(f"--average must be one of {', '.join(AVERAGES)}, got {self.average!r}")
+        if self.select not in SELECTION_RULES:
+            raise UserError(f"--select must be one of {', '.join(SELECTION_RULES)}, got {self.select!r}")
+        if self.bootstrap < 0:
+            raise UserError(f"--bootstrap must be >= 0 (0: no intervals), got {self.bootstrap}")
         if self.encode_batch_size < 1:
             raise UserError(f"--encode-batch-size must be at least 1, got {self.encode_batch_size}")
         if self.num_workers < 0:

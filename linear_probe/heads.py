@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 HEAD_FORMAT = "linear-probe-head"
 HEAD_VERSION = 1
 HEADS_DIR = "heads"
+#: The head file's key of the head at the last head epoch (files written before it existed lack it).
+FINAL_STATE_DICT = "final_state_dict"
 
 
 @dataclass
@@ -54,15 +56,19 @@ class HeadRecord:
     regularization_c: float | None = None
     path: Path | None = None
 
-    def to_state(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def to_state(self, state_dict: dict[str, torch.Tensor],
+                 final_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         state = {k: v for k, v in vars(self).items() if k not in ("checkpoint_stamp", "path")}
         state.update(format=HEAD_FORMAT, version=HEAD_VERSION, checkpoint_stamp=self.checkpoint_stamp.to_dict(),
                      state_dict=state_dict)
+        if final_state_dict:
+            state[FINAL_STATE_DICT] = final_state_dict
         return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any], path: Path) -> HeadRecord:
-        fields = {k: v for k, v in state.items() if k not in ("format", "version", "state_dict", "checkpoint_stamp")}
+        fields = {k: v for k, v in state.items()
+                  if k not in ("format", "version", "state_dict", FINAL_STATE_DICT, "checkpoint_stamp")}
         return cls(checkpoint_stamp=FileStamp(**state["checkpoint_stamp"]), path=path, **fields)
 
 
@@ -70,10 +76,12 @@ def head_file_name(checkpoint: str, settings_key: str) -> str:
     return f"{Path(checkpoint).stem}__{settings_key}.pth"
 
 
-def save_head(probe_dir: str | os.PathLike, record: HeadRecord, state_dict: dict[str, torch.Tensor]) -> Path:
-    """Write a head file atomically; returns its path (also set on ``record.path``)."""
+def save_head(probe_dir: str | os.PathLike, record: HeadRecord, state_dict: dict[str, torch.Tensor],
+              final_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a head file atomically (the best head, and the final one if given); returns its path (also set on
+    ``record.path``)."""
     path = Path(probe_dir) / HEADS_DIR / head_file_name(record.checkpoint, record.settings_key)
-    atomic_save(record.to_state(state_dict), path)
+    atomic_save(record.to_state(state_dict, final_state_dict), path)
     record.path = path
     return path
 

@@ -153,6 +153,8 @@ def train_lbfgs_head(train_features: torch.Tensor, train_labels: torch.Tensor, v
     state dict, loaded by check-accuracies like an SGD head's.
     """
     fit = fit_logistic_regression(train_features, train_labels, val_features, val_labels, num_classes)
-    return HeadResult(fit.val_accuracy, 1, fit.val_loss, {"weight": fit.weight, "bias": fit.bias},
+    weights = {"weight": fit.weight, "bias": fit.bias}
+    return HeadResult(fit.val_accuracy, 1, fit.val_loss, weights,
                       val_accuracy_per_epoch=fit.val_accuracy_per_c, val_loss_per_epoch=fit.val_loss_per_c,
-                      train_loss_per_epoch=fit.train_loss_per_c, regularization_c=fit.c)
+                      train_loss_per_epoch=fit.train_loss_per_c, regularization_c=fit.c,
+                      final_state_dict=weights)  # one fit: its best head is its final head

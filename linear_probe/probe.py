@@ -89,7 +89,7 @@ def settings_key(settings: HeadSettings, **data: Any) -> str:
 
 @dataclass
 class HeadResult:
-    """The outcome of training one head: the best epoch by val accuracy and its weights."""
+    """The outcome of training one head: the best epoch by val accuracy and its weights, and the final head."""
 
     best_val_accuracy: float
     best_head_epoch: int  # 1-based
@@ -100,6 +100,7 @@ class HeadResult:
     train_loss_per_epoch: list[float] = field(default_factory=list)
     #: L-BFGS heads: the inverse L2 strength chosen on val (the per-epoch lists then hold one value per C).
     regularization_c: float | None = None
+    final_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def make_head(feature_dim: int, num_classes: int, seed: int) -> nn.Linear:
@@ -170,4 +171,6 @@ def _train(head, optimizer, schedule, epoch_batches, val_features, val_labels, s
             result.best_head_epoch = head_epoch + 1
             result.best_val_loss = val_loss
             result.state_dict = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    # the head at the end of the schedule: what the default selection uses (its val accuracy is no maximum)
+    result.final_state_dict = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     return result

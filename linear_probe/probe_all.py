@@ -158,8 +158,8 @@ def _probe_checkpoints(run: RunInfo, data: _ProbeData, todo: list[tuple[Checkpoi
 
     probed = []
     for ref, stamp in tqdm(todo, desc="checkpoints", disable=not progress, leave=False):
-        record, state_dict = probe_checkpoint(ref, stamp, data, progress)
-        save_head(run.probe_dir, record, state_dict)
+        record, state_dict, final_state_dict = probe_checkpoint(ref, stamp, data, progress)
+        save_head(run.probe_dir, record, state_dict, final_state_dict)
         probed.append(ref.name)
         chosen = (f"C {record.regularization_c:g} (L-BFGS)" if record.regularization_c is not None
                   else f"head epoch {record.best_head_epoch}")
@@ -202,8 +202,9 @@ def _prepare_data(run: RunInfo, config: ProbeConfig) -> _ProbeData:
 
 
 def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
-                     progress: bool = False) -> tuple[HeadRecord, dict[str, torch.Tensor]]:
-    """Train and validate one head on one checkpoint's frozen encoder; returns its record and weights."""
+                     progress: bool = False) -> tuple[HeadRecord, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train and validate one head on one checkpoint's frozen encoder; returns its record, the best head's
+    weights and the final head's."""
     start = time.perf_counter()
     state = load_supcon_checkpoint(ref.path)
     if not stamp.matches(ref.path):  # e.g. a last.pth that a running training replaced meanwhile
@@ -250,4 +251,4 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
         val_loss_per_epoch=result.val_loss_per_epoch, train_loss_per_epoch=result.train_loss_per_epoch,
         seconds=time.perf_counter() - start, regularization_c=result.regularization_c,
     )
-    return record, result.state_dict
+    return record, result.state_dict, result.final_state_dict

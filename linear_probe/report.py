@@ -20,18 +20,39 @@ from matplotlib.ticker import MaxNLocator
 from linear_probe.checkpoints import format_backbone_epoch
 from linear_probe.heads import HeadRecord
 from linear_probe.probe import describe_settings
+from linear_probe.select import settled_val_accuracy, settled_val_loss
 from supcon.checkpoint import atomic_write_bytes, atomic_write_text
+from supcon.metrics import INTERVAL_METRICS, wilson_interval
 
-PROBE_HEADERS = ["checkpoint", "backbone epoch", "best val accuracy", "head epoch"]
-PROBE_CSV_FIELDS = ["checkpoint", "backbone_epoch", "steps_into_epoch", "best_val_accuracy", "head_epoch",
-                    "best_val_loss", "settings", "settings_key", "head_file", "seconds"]
-COMPARISON_HEADERS = ["bs / backbone epoch / head epoch", "Accuracy", "Precision", "Recall", "F1", "Network", "Run"]
+PROBE_HEADERS = ["checkpoint", "backbone epoch", "best val accuracy [95% interval]", "head epoch",
+                 "settled val accuracy"]
+PROBE_CSV_FIELDS = ["checkpoint", "backbone_epoch", "steps_into_epoch", "best_val_accuracy", "best_val_low",
+                    "best_val_high", "num_val", "head_epoch", "best_val_loss", "settled_val_accuracy",
+                    "settled_val_loss", "settings", "settings_key", "head_file", "seconds"]
+COMPARISON_HEADERS = ["bs / backbone epoch / head epoch", "Accuracy", "Precision", "Recall", "F1", "AUC", "Network",
+                      "Run", "vs best"]
+_INTERVAL_FIELDS = [f"{name}_{end}" for name in INTERVAL_METRICS for end in ("low", "high")]
 COMPARISON_CSV_FIELDS = ["run", "kind", "batch_size", "backbone_epoch", "head_epoch", "checkpoint", "val_accuracy",
-                         "accuracy", "precision", "recall", "f1", "average", "roc_auc", "network", "test_folder"]
+                         "accuracy", "precision", "recall", "f1", "average", "roc_auc", *_INTERVAL_FIELDS, "num_test",
+                         "versus_best_mcnemar_exact_p", "versus_best_only_this_correct",
+                         "versus_best_only_best_correct", "versus_best_f1_difference_interval",
+                         "versus_best_distinguishable", "network", "test_folder"]
 
 
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def percent_interval(value: float | None, interval: Sequence[float] | None, undefined: str = "") -> str:
+    """E.g. ``98.61% [97.22, 99.44]``; without an interval the value and ``undefined``."""
+    if value is None or interval is None:
+        return percent(value) + (undefined if value is not None else "")
+    return f"{100 * value:.2f}% [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]"
+
+
+def val_interval(record: HeadRecord) -> tuple[float, float]:
+    """95% Wilson interval of a head's best val accuracy on its val set."""
+    return wilson_interval(round(record.best_val_accuracy * record.num_val), record.num_val)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -61,8 +82,10 @@ def probe_table(records: Sequence[HeadRecord]) -> tuple[list[dict[str, Any]], st
     records = sort_records(records)
     csv_rows = [{
         "checkpoint": r.checkpoint, "backbone_epoch": r.backbone_epoch, "steps_into_epoch": r.steps_into_epoch,
-        "best_val_accuracy": round(r.best_val_accuracy, 6), "head_epoch": r.best_head_epoch,
-        "best_val_loss": round(r.best_val_loss, 6), "settings": describe_settings(r.settings),
+        "best_val_accuracy": round(r.best_val_accuracy, 6), "best_val_low": round(val_interval(r)[0], 6),
+        "best_val_high": round(val_interval(r)[1], 6), "num_val": r.num_val, "head_epoch": r.best_head_epoch,
+        "best_val_loss": round(r.best_val_loss, 6), "settled_val_accuracy": round(settled_val_accuracy(r), 6),
+        "settled_val_loss": round(settled_val_loss(r), 6), "settings": describe_settings(r.settings),
         "settings_key": r.settings_key,
         "head_file": r.path.name if r.path else "", "seconds": round(r.seconds, 2),
     } for r in records]
@@ -71,7 +94,8 @@ def probe_table(records: Sequence[HeadRecord]) -> tuple[list[dict[str, Any]], st
     md_rows = []
     for r in records:
         row = [r.checkpoint, format_backbone_epoch(r.backbone_epoch, r.steps_into_epoch),
-               percent(r.best_val_accuracy), r.best_head_epoch]
+               percent_interval(r.best_val_accuracy, val_interval(r)), r.best_head_epoch,
+               percent(settled_val_accuracy(r))]
         md_rows.append(row + ([describe_settings(r.settings)] if mixed else []))
     return csv_rows, markdown_table(headers, md_rows)
 
@@ -89,49 +113,105 @@ def _known(epochs: Sequence[int], values: Sequence[float | None], scale: float =
     return [e for e, _ in pairs], [v for _, v in pairs]
 
 
+#: The val accuracy axis spans at least this many points, so a one-image change never fills the panel.
+MIN_ACCURACY_SPAN = 5.0
+#: At most this many epoch ticks; beyond it every k-th checkpoint gets one.
+MAX_TICKS = 16
+
+
 def plot_probe(path: str | os.PathLike, records: Sequence[HeadRecord], curves: dict[str, list],
                auto_epoch: int | None = None, title: str = "") -> None:
-    """Val accuracy per checkpoint over the training loss (with collapsed level, kNN accuracy, spread).
+    """Val accuracy per checkpoint with its 95% interval, over the training loss and the embedding spread.
 
-    Top: the loss and its collapsed level (left axis), each checkpoint's best probe val accuracy and
-    the online kNN accuracy (right axis). Bottom: the embedding spread. ``--from auto``'s epoch is a
-    dotted vertical line.
+    Top: each checkpoint's best probe val accuracy with its Wilson interval, its settled val accuracy
+    (the default selection's score), the band within the noise of the best settled score, the
+    checkpoint the default rule selects, and the online kNN accuracy. Middle: the training loss and
+    the loss of a collapsed embedding. Bottom: the spread. ``--from auto``'s epoch is a dotted line
+    named in the legend. Ticks sit at the probed checkpoints.
     """
-    figure = Figure(figsize=(8, 6.5), layout="constrained")
-    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    figure = Figure(figsize=(9, 8.5), layout="constrained")
+    top, middle, bottom = figure.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
+    records = sort_records(records)
+    _plot_val_accuracy(top, records, curves)
     epochs = curves.get("epoch", [])
     if epochs:
-        top.plot(epochs, curves["loss"], color="tab:blue", label="training loss")
-        top.plot(*_known(epochs, curves["collapsed_loss"]), color="tab:blue", linestyle="--", alpha=0.5,
-                 label="collapsed level")
+        middle.plot(epochs, curves["loss"], color="tab:blue", label="training loss")
+        middle.plot(*_known(epochs, curves["collapsed_loss"]), color="grey", linestyle="--",
+                    label="training loss of a collapsed embedding\n(every image mapped to one point)")
         bottom.plot(*_known(epochs, curves["spread"]), color="tab:green")
-    top.set_ylabel("training loss")
-    bottom.set_ylabel("spread")
+    middle.set_ylabel("training loss")
+    bottom.set_ylabel("embedding spread")
     bottom.set_xlabel("backbone epoch")
-    right = top.twinx()
-    records = sort_records(records)
+    if auto_epoch is not None:
+        for axis in (top, middle, bottom):
+            axis.axvline(auto_epoch, color="black", linestyle=":",
+                         label=f"--from auto: epoch {auto_epoch}" if axis is middle else None)
+    # the probed checkpoints, and the epochs the kNN monitor ran (the demo saves and monitors every 5 epochs)
+    knn_epochs = _known(curves.get("epoch", []), curves.get("knn_accuracy", []))[0] if epochs else []
+    ticks = sorted({r.backbone_epoch for r in records} | set(knn_epochs)
+                   | ({auto_epoch} if auto_epoch is not None else set()))
+    if ticks:
+        step = -(-len(ticks) // MAX_TICKS)
+        bottom.set_xticks(ticks[::step])
+    else:
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = [], []
+    for axis in (top, middle):
+        more = axis.get_legend_handles_labels()
+        handles += more[0]
+        labels += more[1]
+    if handles:
+        figure.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=10)
+    if title:
+        top.set_title(title, fontsize=12)
+    _save(figure, path)
+
+
+def _plot_val_accuracy(axis, records: Sequence[HeadRecord], curves: dict[str, list]) -> None:
+    from linear_probe.select import select
+
     colours = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    values = []
     for i, settings_key in enumerate(dict.fromkeys(r.settings_key for r in records)):
         group = [r for r in records if r.settings_key == settings_key]
-        right.plot([r.backbone_epoch for r in group], [100 * r.best_val_accuracy for r in group], marker="o",
-                   color=colours[i % len(colours)],
-                   label=f"probe val accuracy ({describe_settings(group[0].settings)})")
-    if epochs:
-        right.plot(*_known(epochs, curves["knn_accuracy"], scale=100), marker="x", linestyle=":", color="tab:orange",
-                   label="kNN val accuracy")
-    right.set_ylabel("val accuracy (%)")
-    if auto_epoch is not None:
-        for axis in (top, bottom):
-            axis.axvline(auto_epoch, color="black", linestyle=":")
-        top.annotate(f"--from auto: {auto_epoch}", (auto_epoch, 1), xycoords=("data", "axes fraction"),
-                     xytext=(3, -12), textcoords="offset points", fontsize=8)
-    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles = top.get_legend_handles_labels()
-    more = right.get_legend_handles_labels()
-    figure.legend(handles[0] + more[0], handles[1] + more[1], loc="outside lower center", ncol=2, fontsize=8)
-    if title:
-        top.set_title(title)
-    _save(figure, path)
+        epochs = [r.backbone_epoch for r in group]
+        best = [100 * r.best_val_accuracy for r in group]
+        low_high = [[100 * v for v in val_interval(r)] for r in group]
+        errors = [[b - lo for b, (lo, _) in zip(best, low_high, strict=True)],
+                  [hi - b for b, (_, hi) in zip(best, low_high, strict=True)]]
+        colour = colours[i % len(colours)]
+        axis.errorbar(epochs, best, yerr=errors, marker="o", color=colour, capsize=3,
+                      label=f"probe: best val acc. of {group[0].settings.get('epochs')} head epochs, 95% interval\n"
+                            f"({describe_settings(group[0].settings)})")
+        settled = [100 * settled_val_accuracy(r) for r in group]
+        axis.plot(epochs, settled, marker="s", linestyle="none", markerfacecolor="none", color=colour,
+                  label="probe: settled val acc. (last tenth of the head epochs)")
+        values += [v for pair in low_high for v in pair] + settled
+    epochs = curves.get("epoch", [])
+    knn_epochs, knn = _known(epochs, curves.get("knn_accuracy", [None] * len(epochs)), scale=100)
+    if knn:
+        axis.plot(knn_epochs, knn, marker="x", linestyle=":", color="tab:orange",
+                  label="kNN val acc. (during training)")
+        values += knn
+    if records:
+        selection = select(records)
+        best_score = 100 * max(selection.scores.values())
+        axis.axhspan(best_score - 100 * selection.band, best_score, color="tab:red", alpha=0.08,
+                     label="within the noise (95%) of the best settled acc.")
+        chosen = selection.record
+        axis.plot([chosen.backbone_epoch], [100 * selection.val_accuracy], marker="*", markersize=16,
+                  color="gold", markeredgecolor="black", linestyle="none",
+                  label=f"check-accuracies' choice (within-noise):\n{chosen.checkpoint}, final head")
+        values += [best_score - 100 * selection.band]
+    num_val = min((r.num_val for r in records), default=0)
+    label = "val accuracy (%)"
+    if num_val:
+        label += f"\n{num_val} val images, one = {100 / num_val:.2f} points"
+    axis.set_ylabel(label)
+    if values:
+        high = min(100.0, max(values) + 0.5)
+        low = min(min(values) - 0.5, high - MIN_ACCURACY_SPAN)
+        axis.set_ylim(max(0.0, low), high + 0.3)
 
 
 def plot_confusion_matrix(path: str | os.PathLike, matrix: Sequence[Sequence[int]], class_names: Sequence[str],
@@ -141,8 +221,11 @@ def plot_confusion_matrix(path: str | os.PathLike, matrix: Sequence[Sequence[int
     figure = Figure(figsize=(side, side))
     axis = figure.subplots()
     image = axis.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    axis.set_xticks(range(n), labels=list(class_names), rotation=45, ha="right")
+    figure.colorbar(image, ax=axis, fraction=0.046).set_label("test images")
+    if max((len(name) for name in class_names), default=0) > 2:
+        axis.set_xticks(range(n), labels=list(class_names), rotation=45, ha="right")
+    else:  # single characters (digits, letters) read fine upright
+        axis.set_xticks(range(n), labels=list(class_names))
     axis.set_yticks(range(n), labels=list(class_names))
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
@@ -151,7 +234,7 @@ def plot_confusion_matrix(path: str | os.PathLike, matrix: Sequence[Sequence[int
         for j, count in enumerate(row):
             axis.text(j, i, str(count), ha="center", va="center",
                       color="white" if peak and count > peak / 2 else "black", fontsize=8)
-    axis.set_title(title or "confusion matrix")
+    axis.set_title(title or "confusion matrix", fontsize=10)
     _save(figure, path)
 
 
@@ -174,7 +257,17 @@ def comparison_rows(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
     for r in results:
         bs, epoch, head = (r.get(k) if r.get(k) is not None else "-" for k in ("batch_size", "backbone_epoch",
                                                                               "head_epoch"))
-        md_rows.append([f"{bs} / {epoch} / {head}", percent(r["accuracy"]),
-                        percent(r["precision"]), percent(r["recall"]), percent(r["f1"]), r["network"],
-                        Path(r["run"]).name])
-    return list(results), markdown_table(COMPARISON_HEADERS, md_rows)
+        intervals = r.get("intervals") or {}
+        # " [-]": bootstrapped, but a resample lacked a class (AUC on a tiny test set)
+        cells = [percent_interval(r[name], intervals.get(name), " [-]" if intervals else "")
+                 for name in INTERVAL_METRICS]
+        md_rows.append([f"{bs} / {epoch} / {head}", *cells, r["network"], Path(r["run"]).name,
+                        r.get("versus_best") or "-"])
+    csv_rows = []
+    for r in results:
+        row = dict(r)
+        for name in INTERVAL_METRICS:
+            low_high = (r.get("intervals") or {}).get(name) or [None, None]
+            row[f"{name}_low"], row[f"{name}_high"] = low_high
+        csv_rows.append(row)
+    return csv_rows, markdown_table(COMPARISON_HEADERS, md_rows)

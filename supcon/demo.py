@@ -8,6 +8,7 @@ Re-running it continues or reuses what is already done (every stage resumes or s
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from supcon.digits import export_digits
 #: Commands that also run as ``python -m MODULE`` (an install that predates their console scripts).
 _MODULES = {"supcon-export": "linear_probe.export", "predict": "linear_probe.predict",
             "supcon-report": "linear_probe.run_report"}
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _command(name: str) -> list[str]:
@@ -38,11 +40,15 @@ def _command(name: str) -> list[str]:
     return [found]
 
 
-def _run(step: str, args: list[str]) -> None:
+def _run(step: str, args: list[str], threads: int) -> None:
     command = _command(args[0]) + args[1:]
     click.secho(f"\n==> {step}\n$ {shlex.join([args[0], *args[1:]])}", fg="cyan", err=True)
     start = time.perf_counter()
-    completed = subprocess.run(command)
+    # CPU kernels split sums over threads, so the thread count changes the numbers (ResNet-18, one batch of
+    # 32 at 32 px: outputs differ by up to 3e-7 and conv1 gradients by 7e-5 between 1 and 2 threads) and
+    # the differences compound over training: pin it so a fresh clone can reproduce the README
+    environment = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
+    completed = subprocess.run(command, env=environment)
     if completed.returncode != 0:
         raise click.ClickException(f"{step} failed (exit {completed.returncode}); see the messages above")
     click.secho(f"    {step}: {time.perf_counter() - start:.0f} s", fg="cyan", err=True)
@@ -57,8 +63,12 @@ def _run(step: str, args: list[str]) -> None:
 @click.option("--size", type=int, default=32, show_default=True, help="Image size the digits are upscaled to.")
 @click.option("--baseline-epochs", type=int, default=15, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of supcon-train, probe-all and baseline-train (the digits split stays the same).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="CPU threads of every step (OMP/MKL/OpenBLAS); pinned because CPU numerics depend on it.")
 def demo_command(workdir: str, epochs: int, model: str, batch_size: int, size: int, baseline_epochs: int,
-                 num_workers: int):
+                 num_workers: int, seed: int, threads: int):
     """Run the whole pipeline on scikit-learn's handwritten digits (10 classes), on CPU in minutes."""
     setup_logging()
     start = time.perf_counter()
@@ -73,38 +83,39 @@ def demo_command(workdir: str, epochs: int, model: str, batch_size: int, size: i
         "supcon-train", "--data-folder", str(data / "train"), "--model", model, "--size", str(size),
         "--batch-size", str(batch_size), "--epochs", str(epochs), "--save-freq", str(save_freq),
         "--knn-every", str(save_freq), "--num-workers", str(num_workers), "--run-dir", str(supcon_run), "--resume",
+        "--seed", str(seed),
         # a mirrored digit is not the same digit (or no digit): no flips for this data
         "--no-flip",
-    ])
+    ], threads)
     _run("2/8 linear probes on the checkpoints", [
         # 1,078 training images make the features separable after one head epoch; weight decay keeps
         # the head from fitting them with huge weights (val 97-98% without, 99% with; see README)
         "probe-all", "--run", str(supcon_run), "--from", "auto", "--weight-decay", "1e-2",
-        "--num-workers", str(num_workers),
-    ])
+        "--num-workers", str(num_workers), "--seed", str(seed),
+    ], threads)
     _run("3/8 supervised baseline", [
         "baseline-train", "--data-folder", str(data / "train"), "--model", model, "--size", str(size),
         "--epochs", str(baseline_epochs), "--batch-size", "64", "--num-workers", str(num_workers),
-        "--run-dir", str(baseline_run), "--resume",
-    ])
+        "--run-dir", str(baseline_run), "--resume", "--seed", str(seed),
+    ], threads)
     _run("4/8 classical baseline: RBF SVM on the pixels", [
         # the digits' own 8x8 resolution; C and gamma chosen on val (see baseline-train --help)
         "baseline-train", "--model", "svm", "--size", "8", "--data-folder", str(data / "train"),
         "--num-workers", str(num_workers), "--run-dir", str(svm_run), "--resume",
-    ])
+    ], threads)
     _run("5/8 test metrics and comparison", [
         "check-accuracies", "--run", str(supcon_run), "--run", str(baseline_run), "--run", str(svm_run),
         "--output", str(root),
-    ])
+    ], threads)
     export_dir = root / "export"
     _run("6/8 export the selected model (plain timm weights)", [
         "supcon-export", "--run", str(supcon_run), "--out", str(export_dir), "--force",
-    ])
+    ], threads)
     _run("7/8 classify images with it", [
         "predict", "--run", str(supcon_run), str(data / "test"), "--out", str(root / "predictions.csv"),
         "--num-workers", str(num_workers),
-    ])
-    _run("8/8 report", ["supcon-report", "--run", str(supcon_run), "--run", str(baseline_run)])
+    ], threads)
+    _run("8/8 report", ["supcon-report", "--run", str(supcon_run), "--run", str(baseline_run)], threads)
     click.echo(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min.")
     click.echo(f"Comparison table: {root / 'comparison.md'}")
     click.echo(f"Plots: {supcon_run / 'probe'} (probe accuracy over the loss), "

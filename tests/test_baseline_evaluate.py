@@ -126,4 +126,4 @@ def test_a_baseline_run_appears_in_check_accuracies_table(tiny_run, tmp_path):
     rows = read_csv(tmp_path / "comparison.csv")
     assert len(rows) == 1 and "simple_cnn (baseline, mlp head)" in rows[0].values()
     table = (tmp_path / "comparison.md").read_text()
-    assert f"| 12 / {prediction['selected_epoch']} / - | {100 * accuracy:.2f}% |" in table
+    assert f"| 12 / {prediction['selected_epoch']} / - | {100 * accuracy:.2f}% [" in table  # with its interval

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from linear_probe.check import check_accuracies
@@ -79,8 +80,16 @@ def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_
     write_baseline_run(runs_root / "baseline_resnet18", image_root / "train")
     result = invoke(check_accuracies_command, ["--runs-root", runs_root, "--num-workers", "0", "--quiet"])
     assert result.exit_code == 0, result.stderr
-    assert "| bs / backbone epoch / head epoch | Accuracy | Precision | Recall | F1 | Network | Run |" in result.stdout
-    assert "| 32 / 7 / - | 75.00% | 83.33% | 75.00% | 73.33% | resnet18 (baseline, linear head) |" in result.stdout
+    header = "| bs / backbone epoch / head epoch | Accuracy | Precision | Recall | F1 | AUC | Network | Run | vs best |"
+    assert header in result.stdout
+    baseline_row = next(line for line in result.stdout.splitlines() if line.startswith("| 32 / 7 / - |"))
+    cells = [cell.strip() for cell in baseline_row.strip("|").split("|")]
+    assert [cell.split(" [")[0] for cell in cells[1:6]] == ["75.00%", "83.33%", "75.00%", "73.33%", "75.00%"]
+    assert all(" [" in cell for cell in cells[1:6])  # each with its interval
+    assert cells[6] == "resnet18 (baseline, linear head)"
+    assert cells[8] == "other test images"  # the fake baseline's 4 test images are not the SupCon run's 18
+    supcon_row = next(line for line in result.stdout.splitlines() if "SupCon test_resnet" in line)
+    assert supcon_row.rstrip().endswith("| best |")  # the most accurate run
     assert "supcon_not_probed" not in result.stdout
     assert fake_baseline == [{"run_dir": str(runs_root / "baseline_resnet18"), "test_folder": None, "num_workers": 0}]
 
@@ -88,15 +97,24 @@ def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_
     report = json.loads((run / "test_metrics.json").read_text())
     best = select_best(load_head_records(run / "probe", run))
     selection = report["selection"]
-    assert (selection["checkpoint"], selection["head_epoch"]) == (best.checkpoint, best.best_head_epoch)
-    assert selection["val_accuracy"] == best.best_val_accuracy and selection["candidates"] == 2
-    assert "highest val accuracy" in selection["tie_rule"]
+    # the default tests the chosen checkpoint's final head, with that head's val accuracy
+    assert (selection["checkpoint"], selection["head"]) == (best.checkpoint, "final")
+    assert selection["head_epoch"] == len(best.val_accuracy_per_epoch) == best.settings["epochs"]
+    assert selection["val_accuracy"] == best.val_accuracy_per_epoch[-1] and selection["candidates"] == 2
+    assert selection["rule"] == "within-noise" and "95% interval" in selection["rule_text"]
+    assert "2 probed checkpoints span" in selection["note"] and "on 18 val images" in selection["note"]
+    low, high = selection["val_accuracy_interval"]
+    assert low < best.best_val_accuracy <= high <= 1
     metrics = report["metrics"]
     matrix = np.array(metrics["confusion_matrix"])
     assert matrix.sum(axis=1).tolist() == [6, 6, 6]  # 6 test images per class
     assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / 18)
     assert set(metrics["per_class"]) == {"cat", "dog", "fox"} and metrics["average"] == "macro"
-    assert metrics["roc_auc"] is None and report["test_folder"] == str(image_root / "test")
+    assert 0 <= metrics["roc_auc"] <= 1 and report["test_folder"] == str(image_root / "test")  # one-vs-rest
+    assert metrics["bootstrap"]["resamples"] == 1000 and metrics["bootstrap"]["seed"] == 0
+    for name in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+        low, high = metrics["intervals"][name]
+        assert 0 <= low <= metrics[name] <= high <= 1
     assert report["batch_size"] == 8 and report["network"] == "SupCon test_resnet"
     assert (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert not (run / "roc_curve.png").exists()  # three classes
@@ -112,9 +130,51 @@ def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_
     assert sorted(rows) == ["baseline", "supcon"]
     supcon_row = rows["supcon"]
     assert float(supcon_row["accuracy"]) == pytest.approx(metrics["accuracy"])
-    assert supcon_row["checkpoint"] == best.checkpoint and supcon_row["head_epoch"] == str(best.best_head_epoch)
+    assert supcon_row["checkpoint"] == best.checkpoint and supcon_row["head_epoch"] == str(selection["head_epoch"])
     markdown = (runs_root / "comparison.md").read_text()
     assert "| 8 / " in markdown and "SupCon test_resnet" in markdown
+
+
+def test_runs_on_the_same_test_images_are_compared_pairwise(runs_root, tmp_path):
+    """Two runs that make the same predictions: McNemar finds no discordant image, the F1 difference is 0."""
+    copy_run(runs_root / "supcon_probed", runs_root / "supcon_copy")
+    result = invoke(check_accuracies_command, ["--runs-root", runs_root, "--output", tmp_path, "--num-workers", "0",
+                                               "--quiet", "--bootstrap", "200"])
+    assert result.exit_code == 0, result.stderr
+    verdicts = [line.rstrip().rsplit("|", 2)[-2].strip() for line in result.stdout.splitlines()
+                if "SupCon test_resnet" in line]
+    assert sorted(verdicts) == ["best", "same (p=1, 0:0; F1 diff [+0.00, +0.00])"]
+    assert "McNemar's exact test" in result.stdout  # the explanation under the table
+    rows = read_csv(tmp_path / "comparison.csv")
+    compared = [r for r in rows if r["versus_best_mcnemar_exact_p"]]
+    assert len(compared) == 1 and float(compared[0]["versus_best_mcnemar_exact_p"]) == 1.0
+    assert compared[0]["versus_best_distinguishable"] == "False"
+    assert all(float(r["accuracy_low"]) <= float(r["accuracy"]) <= float(r["accuracy_high"]) for r in rows)
+
+
+def test_head_files_without_a_final_head_fall_back_to_the_best_head(runs_root, tmp_path, caplog):
+    """Head files written before probe-all stored final heads still check, with their best-val head."""
+    run = runs_root / "supcon_probed"
+    for path in (run / "probe" / "heads").glob("*.pth"):
+        state = torch.load(path, weights_only=True)
+        del state["final_state_dict"]
+        torch.save(state, path)
+    check_accuracies(CheckConfig(runs=[str(run)], num_workers=0, output=str(tmp_path), bootstrap=0))
+    selection = json.loads((run / "test_metrics.json").read_text())["selection"]
+    best = select_best(load_head_records(run / "probe", run))
+    assert selection["head"] == "best" and selection["head_epoch"] == best.best_head_epoch
+    assert selection["val_accuracy"] == best.best_val_accuracy
+    assert "holds no final head" in caplog.text and "probe-all --force" in caplog.text
+
+
+def test_max_val_acc_rule_reproduces_the_recorded_experiments_choice(runs_root, tmp_path):
+    run = runs_root / "supcon_probed"
+    check_accuracies(CheckConfig(runs=[str(run)], num_workers=0, output=str(tmp_path), select="max-val-acc"))
+    selection = json.loads((run / "test_metrics.json").read_text())["selection"]
+    best = select_best(load_head_records(run / "probe", run), "max-val-acc")
+    assert (selection["rule"], selection["head"]) == ("max-val-acc", "best")
+    assert (selection["checkpoint"], selection["head_epoch"]) == (best.checkpoint, best.best_head_epoch)
+    assert "highest val accuracy" in (tmp_path / "comparison.md").read_text()
 
 
 def test_selection_is_blind_to_test_labels(runs_root, image_root, tmp_path):
@@ -158,7 +218,7 @@ def test_real_baseline_run_appears_beside_the_supcon_run(runs_root, image_root, 
     expected = (prediction["probabilities"].argmax(1) == prediction["labels"]).mean()
     report = json.loads((baseline / "test_metrics.json").read_text())
     assert report["metrics"]["accuracy"] == pytest.approx(expected)
-    assert f"| 12 / {prediction['selected_epoch']} / - | {100 * expected:.2f}% |" in result.stdout
+    assert f"| 12 / {prediction['selected_epoch']} / - | {100 * expected:.2f}% [" in result.stdout
     assert prediction["network"] in result.stdout and "SupCon test_resnet" in result.stdout
 
 
@@ -219,3 +279,14 @@ def test_baseline_run_without_the_baseline_package(runs_root, image_root, monkey
     write_baseline_run(runs_root / "baseline", image_root / "train")
     monkeypatch.setitem(sys.modules, "supcon.baseline.evaluate", None)  # import fails
     assert_refused(["--runs-root", runs_root], "baseline runs need supcon.baseline.evaluate", runs_root)
+
+
+def test_negative_bootstrap_is_refused(runs_root):
+    assert_refused(["--runs-root", runs_root, "--bootstrap", "-1"], "--bootstrap must be >= 0", runs_root)
+
+
+def test_unknown_selection_rule_is_refused_in_yaml(runs_root, tmp_path):
+    config = tmp_path / "check.yaml"
+    config.write_text("check:\n  select: best-test\n")
+    assert_refused(["--runs-root", runs_root, "--config", config], "--select must be one of within-noise, "
+                   "max-val-acc", runs_root)

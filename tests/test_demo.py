@@ -92,3 +92,31 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_table(tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert checkpoint.stat().st_mtime_ns == mtime
+
+
+def test_demo_passes_its_seed_and_pins_the_threads_of_every_step(tmp_path, monkeypatch):
+    """--seed reaches supcon-train, probe-all and baseline-train; every step runs with --threads CPU threads."""
+    from click.testing import CliRunner
+
+    import supcon.demo as demo
+
+    calls = []
+
+    def run(command, env=None):
+        calls.append((command, env))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the caller's setting does not leak into the steps
+    result = CliRunner().invoke(demo.demo_command, ["--workdir", str(tmp_path / "demo"), "--seed", "3",
+                                                    "--threads", "1", "--size", "8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    def name(command):  # a console script, or its ``python -m MODULE`` fallback
+        return command[2] if command[1:2] == ["-m"] else Path(command[0]).name
+
+    names = [name(command) for command, _ in calls]
+    assert names[:5] == ["supcon-train", "probe-all", "baseline-train", "baseline-train", "check-accuracies"]
+    assert len(names) == 8  # then export, predict, report
+    for command, _ in calls[:3]:  # supcon-train, probe-all, the ResNet baseline (the SVM has no seed)
+        assert command[command.index("--seed") + 1] == "3", name(command)
+    assert all(env[name] == "1" for _, env in calls for name in demo.THREAD_VARIABLES)

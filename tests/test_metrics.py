@@ -1,10 +1,11 @@
-"""Test metrics against confusion matrices computed by hand."""
+"""Test metrics against confusion matrices computed by hand; intervals against their nominal coverage."""
 
 import numpy as np
 import pytest
+from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
-from linear_probe.metrics import classification_metrics
 from supcon.errors import UserError
+from supcon.metrics import bootstrap_intervals, classification_metrics, resampled_metrics, wilson_interval
 
 
 def one_hot_probabilities(predictions, num_classes):
@@ -39,7 +40,10 @@ def test_three_classes_macro_matches_hand_computation():
     assert m.precision == pytest.approx(11 / 18)
     assert m.recall == pytest.approx(11 / 18)
     assert m.f1 == pytest.approx((4 / 7 + 4 / 7 + 2 / 3) / 3)
-    assert m.roc_auc is None and m.roc_curve is None  # three classes: no ROC
+    # three classes: one-vs-rest macro AUC (scores 0.6 on the prediction, 0.2 elsewhere; ties count half):
+    # ant (4 pos x 6 neg) 16/24, bee (3 x 7) 14.5/21, cow (3 x 7) 16/21; no curve
+    assert m.roc_auc == pytest.approx((16 / 24 + 14.5 / 21 + 16 / 21) / 3)
+    assert m.roc_curve is None
     assert m.num_samples == 10
 
 
@@ -78,3 +82,92 @@ def test_missing_class_in_predictions_gives_zero_not_a_warning_crash():
 def test_binary_average_needs_two_classes():
     with pytest.raises(UserError, match="--average binary needs two classes"):
         classification_metrics(LABELS, one_hot_probabilities(PREDICTIONS, 3), NAMES, "binary")
+
+
+def test_summary_is_baseline_trains_per_epoch_columns():
+    labels = np.array([0, 0, 1, 1])
+    positive = np.array([0.1, 0.4, 0.35, 0.8])
+    summary = classification_metrics(labels, np.stack([1 - positive, positive], axis=1)).summary()
+    assert set(summary) == {"loss", "accuracy", "auc", "f1"}
+    assert summary["accuracy"] == pytest.approx(0.75) and summary["auc"] == pytest.approx(0.75)
+    assert summary["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])))  # mean -log p(true class)
+    missing = classification_metrics(np.array([0, 0]), np.array([[0.7, 0.3], [0.6, 0.4]])).summary()
+    assert np.isnan(missing["auc"])  # one class only: undefined, not an error
+
+
+@pytest.mark.parametrize("num_classes,average", [
+    (n, a) for n in (2, 3, 10) for a in ("macro", "micro", "weighted", "binary") if a != "binary" or n == 2])
+def test_resampled_metrics_equal_scikit_learn_on_every_resample(num_classes, average):
+    """The fast statistic of the bootstrap (confusion counts, ranks) against scikit-learn's own functions."""
+    rng = np.random.default_rng(num_classes)
+    labels = rng.integers(0, num_classes, 120)
+    scores = rng.random((120, num_classes))
+    scores[np.arange(120), labels] += rng.random(120)
+    probabilities = np.round(scores, 1) + 1e-3  # rounded: tied scores, which AUC counts as half
+    probabilities /= probabilities.sum(1, keepdims=True)
+    index = rng.integers(0, 120, (6, 120))
+    fast = resampled_metrics(labels, probabilities, index, average)
+    for b in range(6):
+        y, p = labels[index[b]], probabilities[index[b]]
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            y, p.argmax(1), labels=list(range(num_classes)), average=average, zero_division=0)
+        auc = (roc_auc_score(y, p[:, 1]) if num_classes == 2
+               else roc_auc_score(y, p, multi_class="ovr", labels=list(range(num_classes))))
+        expected = [np.mean(p.argmax(1) == y), precision, recall, f1, auc]
+        assert fast[:, b] == pytest.approx(expected)
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553-0.3662; 15/148 -> 0.0624-0.1605
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    low, high = wilson_interval(359, 359)
+    assert high == 1 and 0.98 < low < 0.995  # never the zero-width interval of the normal approximation
+
+
+def test_bootstrap_accuracy_interval_covers_the_true_accuracy_at_its_nominal_rate():
+    """1,000 simulated test sets of 300 images from a classifier of known accuracy 0.9: ~95% coverage."""
+    rng = np.random.default_rng(0)
+    true_accuracy, size, covered = 0.9, 300, 0
+    for trial in range(1000):
+        correct = rng.random(size) < true_accuracy
+        [(low, high)] = bootstrap_intervals(lambda index, correct=correct: correct[index].mean(axis=-1)[None], size,
+                                            400, seed=trial)
+        covered += low <= true_accuracy <= high
+    assert 930 <= covered <= 970
+
+
+@pytest.mark.slow
+def test_every_interval_of_classification_metrics_covers_at_its_nominal_rate():
+    """Precision, recall, F1 and AUC of a fixed two-class scorer, over 300 test sets of 400 images.
+
+    The true values come from one test set of 400,000 images of the same scorer.
+    """
+    rng = np.random.default_rng(1)
+
+    def test_set(size):
+        labels = rng.integers(0, 2, size)
+        score = 1 / (1 + np.exp(-(2 * labels - 1) * 1.5 - rng.normal(size=size)))
+        return labels, np.stack([1 - score, score], axis=1)
+
+    truth = classification_metrics(*test_set(400_000), average="binary")
+    names = ("accuracy", "precision", "recall", "f1", "roc_auc")
+    covered = dict.fromkeys(names, 0)
+    for trial in range(300):
+        metrics = classification_metrics(*test_set(400), average="binary", bootstrap=500, seed=trial)
+        for name in names:
+            low, high = metrics.intervals[name]
+            covered[name] += low <= getattr(truth, name) <= high
+    assert all(0.92 * 300 <= count <= 0.98 * 300 for count in covered.values()), covered
+
+
+def test_intervals_are_seeded_and_contain_the_value():
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2] * 5)
+    probabilities = one_hot_probabilities((labels + (np.arange(50) % 7 == 0)) % 3, 3)
+    first = classification_metrics(labels, probabilities, NAMES, bootstrap=300, seed=3)
+    again = classification_metrics(labels, probabilities, NAMES, bootstrap=300, seed=3)
+    other = classification_metrics(labels, probabilities, NAMES, bootstrap=300, seed=4)
+    assert first.intervals == again.intervals and first.intervals != other.intervals
+    for name, (low, high) in first.intervals.items():
+        assert low <= getattr(first, name) <= high
+    assert first.bootstrap["resamples"] == 300 and classification_metrics(labels, probabilities).intervals == {}

@@ -55,6 +55,10 @@ def test_head_keeps_the_first_best_val_epoch_and_its_weights():
     assert accuracy == pytest.approx(result.best_val_accuracy)
     assert loss == pytest.approx(result.best_val_loss, rel=1e-5)
     assert result.train_loss_per_epoch[-1] < result.train_loss_per_epoch[0]
+    # and the final head (what check-accuracies' default tests) is the last epoch's
+    head.load_state_dict(result.final_state_dict)
+    accuracy, loss = evaluate_head(head, val_x, val_y)
+    assert accuracy == pytest.approx(curve[-1]) and loss == pytest.approx(result.val_loss_per_epoch[-1], rel=1e-5)
 
 
 def test_head_training_is_deterministic_per_seed():

@@ -60,19 +60,25 @@ def test_cli_probes_every_checkpoint_and_writes_every_file(run_copy, tmp_path, m
     assert result.exit_code == 0, result.stderr
     assert "| ckpt_epoch_2.pth | 2 |" in result.stdout and "| ckpt_epoch_4.pth | 4 |" in result.stdout
     assert "probed 2, skipped 0" in result.stdout
+    assert "selection on val (check-accuracies --select within-noise): 2 probed checkpoints span" in result.stdout
     probe = run / "probe"
     rows = read_table(run)
     assert [(r["checkpoint"], r["backbone_epoch"]) for r in rows] == [("ckpt_epoch_2.pth", "2"),
                                                                       ("ckpt_epoch_4.pth", "4")]
     assert all(float(r["best_val_accuracy"]) >= 0.9 and 1 <= int(r["head_epoch"]) <= 30 for r in rows)
     markdown = (probe / "probe_results.md").read_text()
-    assert "| checkpoint | backbone epoch | best val accuracy | head epoch |" in markdown
+    assert ("| checkpoint | backbone epoch | best val accuracy [95% interval] | head epoch | settled val accuracy |"
+            in markdown)
+    # 18 val images all right: Wilson 95% interval [82.41%, 100%] (scipy; by hand 1 - 1.96^2 / (18 + 1.96^2))
+    perfect = [line for line in markdown.splitlines() if line.startswith("| ckpt_epoch_") and "| 100.00% [" in line]
+    assert all("| 100.00% [82.41, 100.00] |" in line for line in perfect)
     assert (probe / "probe_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     heads = sorted((probe / "heads").glob("*.pth"))
     assert [h.name.split("__")[0] for h in heads] == ["ckpt_epoch_2", "ckpt_epoch_4"]
     for head, row in zip(heads, rows, strict=True):
         state = safe_load(head)  # weights_only
         assert state["state_dict"]["weight"].shape == (3, state["feature_dim"])
+        assert state["final_state_dict"]["weight"].shape == (3, state["feature_dim"])  # the last head epoch's
         assert state["best_val_accuracy"] == pytest.approx(float(row["best_val_accuracy"]), abs=1e-6)
         assert state["best_head_epoch"] == int(row["head_epoch"])
         assert len(state["val_accuracy_per_epoch"]) == 30

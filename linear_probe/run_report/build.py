@@ -25,7 +25,6 @@ from linear_probe.classifier import RunClassifier, load_run_classifier, resolve_
 from linear_probe.config import resolve_device
 from linear_probe.features import FeatureCache, cached_features, encode_samples, folder_fingerprint
 from linear_probe.heads import load_head_records
-from linear_probe.metrics import TestMetrics, classification_metrics
 from linear_probe.plateau import choose_from_run
 from linear_probe.predict import classify_paths
 from linear_probe.probe import describe_settings
@@ -44,6 +43,7 @@ from linear_probe.runs import BASELINE_KIND, RunInfo, scan_checked
 from supcon.checkpoint import atomic_write_text
 from supcon.data import EvalDataset, ImageFolderIndex, eval_transform
 from supcon.errors import UserError
+from supcon.metrics import TestMetrics, classification_metrics
 from supcon.rundir import METRICS_FILE, MetricsCSV, load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)

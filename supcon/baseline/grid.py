@@ -29,7 +29,6 @@ import yaml
 
 from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig, expand_grid
 from supcon.baseline.evaluate import predict_run
-from supcon.baseline.metrics import classification_metrics
 from supcon.baseline.models import model_family
 from supcon.baseline.train import NonFiniteLoss, prepare_data, train
 from supcon.checkpoint import atomic_write_text
@@ -38,6 +37,7 @@ from supcon.data import scan_image_folder
 from supcon.distributed import is_main_process
 from supcon.engine import EXIT_SIGINT, EXIT_SIGTERM, RunEngine, default_precision, launched_world_size
 from supcon.errors import UserError
+from supcon.metrics import classification_metrics
 from supcon.rundir import BEST, LAST, default_run_dir, find_split_folder, has_run_content, load_baseline_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _test_cell(cell: BaselineConfig, run_dir: Path, status: str, test_folder: st
     if not (run_dir / BEST).is_file():
         return row
     prediction = predict_run(run_dir, test_folder=test_folder, num_workers=cell.num_workers)
-    metrics = classification_metrics(prediction["probabilities"], prediction["labels"])
+    metrics = classification_metrics(prediction["labels"], prediction["probabilities"]).summary()
     row.update(best_epoch=prediction["selected_epoch"], val_accuracy=prediction["val_accuracy"],
                test_loss=metrics["loss"], test_accuracy=metrics["accuracy"], test_auc=metrics["auc"],
                test_f1=metrics["f1"])

@@ -34,7 +34,6 @@ from accelerate.utils import set_seed
 from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig
 from supcon.baseline.data import AugmentedDataset, stratified_split, train_transform
 from supcon.baseline.losses import ClassifierLoss, logits_to_probabilities
-from supcon.baseline.metrics import classification_metrics
 from supcon.baseline.models import build_classifier, check_input_size, describe_model, freeze_blocks, make_model_config
 from supcon.checkpoint import rng_state, set_rng_state
 from supcon.config import to_yaml_dict
@@ -49,6 +48,7 @@ from supcon.data import (
 )
 from supcon.engine import EpochEnd, RecordedRun, RunEngine, default_precision, exit_code
 from supcon.errors import UserError
+from supcon.metrics import classification_metrics
 from supcon.rundir import (
     BAD_IMAGES_FILE,
     BASELINE_KIND,
@@ -191,7 +191,7 @@ def predict(model: torch.nn.Module, loader, accelerator: Accelerator) -> tuple[t
 def evaluate(model: torch.nn.Module, loss_fn: ClassifierLoss, loader, accelerator: Accelerator) -> dict[str, float]:
     """``loss`` (main output only), ``accuracy``, ``auc`` (NaN if undefined) and macro ``f1`` on ``loader``."""
     logits, labels = predict(model, loader, accelerator)
-    metrics = classification_metrics(logits_to_probabilities(logits).numpy(), labels.numpy())
+    metrics = classification_metrics(labels.numpy(), logits_to_probabilities(logits).numpy()).summary()
     metrics["loss"] = float(loss_fn.single(logits, labels).item())
     return metrics
 
