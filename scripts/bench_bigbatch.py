@@ -117,7 +117,7 @@ def main(data: str, name: str | None, out: str, epochs: int, seeds: str, model: 
         for setting, options in SETTINGS.items():
             if any(r["dataset"] == name and r["setting"] == setting and int(r["seed"]) == seed for r in done):
                 continue
-            slug = f"{name}_{setting}_seed{seed}".replace(" ", "_").replace(",", "").replace("/", "-")
+            slug = f"{name}_{setting}_seed{seed}".replace(" ", "_").replace(",", "").replace("/", "_per_")
             start = time.perf_counter()
             row = {"dataset": name, "setting": setting, "seed": seed,
                    **one_run(data_dir, out_dir / "runs" / slug, options, seed, epochs, model, size,

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from supcon.gradcache import contrastive_step
 from supcon.losses import SupConLoss
 from supcon.models import build_model
 
 BATCH, CHUNK = 16, 4
+WORLD = 2
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +61,10 @@ def bn_in_eval(model: nn.Module) -> nn.Module:
 class DropoutNet(nn.Module):
     """No BatchNorm, but dropout: the second pass must draw the first pass's masks."""
 
-    def __init__(self):
+    def __init__(self, p: float = 0.3):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, stride=2)
-        self.drop = nn.Dropout(0.3)
+        self.drop = nn.Dropout(p)
         self.fc = nn.Linear(8 * 7 * 7, 16)
 
     def forward(self, images):
@@ -173,3 +179,44 @@ def test_fp16_with_grad_scaler_matches_the_unchunked_step():
     # the scaler unscaled both (finite, not multiplied by 2**16)
     assert all(torch.isfinite(g).all() for g in expected.values())
     assert_close_dicts(gradients(chunked), expected, atol=5e-3)
+
+
+class _DDPAccelerator:
+    """What the step uses of an Accelerator, for a DDP model in a bare gloo group (fp32)."""
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, model):
+        return model.no_sync()
+
+
+def _ddp_worker(process_rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=process_rank, world_size=WORLD)
+    try:
+        torch.manual_seed(6)
+        model = DistributedDataParallel(DropoutNet(p=0.0))
+        views, labels = batch(6)
+        local = slice(process_rank * BATCH // WORLD, (process_rank + 1) * BATCH // WORLD)
+        loss, _ = contrastive_step(model, SupConLoss(0.1, 0.07), sgd(model, 0.0), _DDPAccelerator(), views[local],
+                                   labels[local], chunk_size=2)
+        torch.save({"loss": loss, "grads": gradients(model.module)}, Path(out_dir) / f"rank{process_rank}.pth")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_in_chunks_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path):
+    """Each process caches its own chunks of 2; the loss contrasts the global batch; DDP averages once."""
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in range(WORLD)]
+    torch.manual_seed(6)
+    model = DropoutNet(p=0.0)
+    views, labels = batch(6)
+    loss, _ = contrastive_step(model, SupConLoss(0.1, 0.07), sgd(model, 0.0), Accelerator(cpu=True), views, labels)
+    # the mean over processes of their local losses is the one-process loss of the whole batch
+    assert torch.stack([r["loss"] for r in results]).mean().item() == pytest.approx(loss.item(), abs=1e-6)
+    for result in results:
+        assert_close_dicts(result["grads"], gradients(model))
