@@ -53,6 +53,13 @@ def _encode(model, images: torch.Tensor, accelerator: Accelerator, channels_last
         return model(inputs)["projection"].float()
 
 
+def _loss(loss_fn, projection: torch.Tensor, labels: torch.Tensor | None, contents) -> torch.Tensor:
+    """Without a memory in use, the loss is called as it always was (``loss_fn(features, labels)``)."""
+    if contents is None:
+        return loss_fn(projection, labels)
+    return loss_fn(projection, labels, memory=contents)
+
+
 def contrastive_step(model, loss_fn, optimizer, accelerator: Accelerator, views: torch.Tensor, labels: torch.Tensor,
                      *, channels_last: bool = False, supervised: bool = True, chunk_size: int | None = None,
                      memory: ProjectionMemory | None = None,
@@ -72,7 +79,7 @@ def contrastive_step(model, loss_fn, optimizer, accelerator: Accelerator, views:
     contents = memory.contents() if (memory is not None and use_memory) else None
     if chunk_size is None or chunk_size >= batch:
         projection = _encode(model, views, accelerator, channels_last).view(batch, n_views, -1)
-        loss = loss_fn(projection, loss_labels, memory=contents)
+        loss = _loss(loss_fn, projection, loss_labels, contents)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
     else:
@@ -106,7 +113,7 @@ def _cached_backward(model, loss_fn, optimizer, accelerator: Accelerator, views:
             buffer.copy_(saved)
     rng_after = _rng_state(device)
     projection = torch.cat(parts).view(batch, n_views, -1).requires_grad_(True)
-    loss = loss_fn(projection, labels, memory=contents)
+    loss = _loss(loss_fn, projection, labels, contents)
     (projection_grad,) = torch.autograd.grad(loss, projection)
     grads = projection_grad.flatten(0, 1).split(chunk_size * n_views)
 
