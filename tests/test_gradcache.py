@@ -220,3 +220,32 @@ def test_two_processes_in_chunks_give_the_gradients_of_one_process_on_the_whole_
     assert torch.stack([r["loss"] for r in results]).mean().item() == pytest.approx(loss.item(), abs=1e-6)
     for result in results:
         assert_close_dicts(result["grads"], gradients(model))
+
+
+class _Bf16Accelerator:
+    """bf16 autocast on the CPU (the process-wide Accelerator state keeps the fixture's fp32)."""
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+
+def test_bf16_autocast_chunks_match_the_unchunked_bf16_step():
+    torch.manual_seed(7)
+    model = bn_in_eval(build_model("test_resnet", small_input=True, feat_dim=16))
+    chunked = copy.deepcopy(model)
+    views, labels = batch(7)
+    loss_fn = SupConLoss(0.1, 0.07)
+    whole_loss, _ = contrastive_step(model, loss_fn, sgd(model, 0.0), _Bf16Accelerator(), views, labels)
+    loss, _ = contrastive_step(chunked, loss_fn, sgd(chunked, 0.0), _Bf16Accelerator(), views, labels,
+                               chunk_size=CHUNK)
+    assert loss.item() == pytest.approx(whole_loss.item(), rel=1e-2)
+    expected = gradients(model)
+    for name, grad in gradients(chunked).items():  # bf16 rounding: close, in direction and size
+        cosine = F.cosine_similarity(grad.flatten(), expected[name].flatten(), dim=0).item()
+        assert cosine > 0.99 and grad.norm().item() == pytest.approx(expected[name].norm().item(), rel=5e-2), name
