@@ -55,7 +55,6 @@ def test_the_memory_is_in_the_weights_only_checkpoint_and_changes_the_run(data, 
     assert metrics(plain)[1]["loss"] != metrics(straight)[1]["loss"]
 
 
-@pytest.mark.slow  # ~35 s on the shared 2-core machine; the mid-epoch test below runs by default
 def test_kill_9_then_resume_gives_identical_weights_and_memory(data, straight, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     process = start_pausing_run(["--data-folder", data, "--run-dir", run_dir, *BIG_ARGS], tmp_path,
