@@ -23,6 +23,8 @@ loader's prefetch buffer cannot flatter a loader-bound run.
     .venv/bin/python scripts/bench_train.py                                  # defaults for this device
     .venv/bin/python scripts/bench_train.py --model resnet50,seresnext50_32x4d --batch-size 32,64 \\
         --compile off,on --num-workers 16                                    # on a GPU
+    .venv/bin/python scripts/bench_train.py --model resnet50 --batch-size 64,1024 --chunk-size 0,64,128 \\
+        --data synthetic --no-plain             # gradient caching: contrastive batch 1024 in chunks, on a GPU
 
 Writes benchmarks/train_<device>_<date>.json and prints a markdown table.
 """
@@ -68,6 +70,7 @@ class Setting:
     grad_checkpointing: bool
     cudnn_benchmark: bool
     loop: str = "project"  # project (supcon.train.train_one_epoch) | reference (reference_step below)
+    chunk_size: int = 0  # images per forward pass (gradient caching); 0: the whole batch
 
     @property
     def channels_last(self) -> bool:
@@ -164,17 +167,19 @@ def reference_run(setting: Setting, model_name: str, batch: int, args, device: t
 def fast_settings(args, on_gpu: bool) -> list[Setting]:
     """The product of the fast-path option lists, less duplicates and the plain setting itself."""
     settings = []
-    for precision, memory_format, compile_, data_path, checkpointing in itertools.product(
-            args.precision, args.memory_format, args.compile, args.data_path, args.grad_checkpointing):
+    for precision, memory_format, compile_, data_path, checkpointing, chunk_size in itertools.product(
+            args.precision, args.memory_format, args.compile, args.data_path, args.grad_checkpointing,
+            args.chunk_size):
         precision = default_precision() if precision == "auto" else precision
         memory_format = ("nhwc" if on_gpu else "nchw") if memory_format == "auto" else memory_format
         compiled, checkpointed = compile_ == "on", checkpointing == "on"
         if compiled and checkpointed:
             continue  # supcon-train refuses the combination
         parts = [precision, memory_format, "compile" if compiled else "eager",
-                 "device-aug" if data_path == "device" else "cpu-aug"] + (["ckpt"] if checkpointed else [])
+                 "device-aug" if data_path == "device" else "cpu-aug"] + (["ckpt"] if checkpointed else []) + \
+            ([f"chunk{chunk_size}"] if chunk_size else [])
         setting = Setting("fast " + "/".join(parts), precision, memory_format, compiled, data_path, checkpointed,
-                          cudnn_benchmark=on_gpu)
+                          cudnn_benchmark=on_gpu, chunk_size=chunk_size)
         if replace(setting, name=PLAIN.name) != PLAIN and setting not in settings:
             settings.append(setting)
     return settings
@@ -249,7 +254,8 @@ def measure(setting: Setting, model_name: str, batch: int, args, samples) -> lis
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), time.thread_time()
         state = train_one_epoch(model, loss_fn, loader, optimizer, schedule, accelerator, epoch=0, augment=augment,
-                                channels_last=setting.channels_last)  # ends with a read of the device: synchronised
+                                channels_last=setting.channels_last,
+                                chunk_size=setting.chunk_size or None)  # ends with a read of the device: synchronised
         return time.perf_counter() - start, state.loss_sum / max(state.steps_done, 1), time.thread_time() - cpu_start
 
     def summary(timings: list[tuple[float, float, float]], batch: int) -> dict:
@@ -401,6 +407,9 @@ def parse_args(argv=None):
                         help="fast-path augmentation: cpu (torchvision in workers) or device (supcon.gpu_augment)")
     parser.add_argument("--grad-checkpointing", type=listed(choices=["off", "on"]), default=["off"],
                         help="fast path with activation checkpointing off and/or on")
+    parser.add_argument("--chunk-size", type=listed(int), default=[0],
+                        help="fast path with gradient caching: images per forward pass, comma-separated (0: the whole "
+                             "batch); a chunk size at or above the batch is the whole batch")
     parser.add_argument("--data", type=listed(choices=["synthetic", "folder"]), default=["synthetic", "folder"],
                         help="synthetic: compute only; folder: real JPEGs through the loader")
     parser.add_argument("--data-folder", help="an ImageFolder of JPEGs [default: generate --gen-images 250x250 JPEGs]")

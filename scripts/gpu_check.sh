@@ -71,7 +71,7 @@ echo "gpu_check: mode $MODE, python $PY, results in $OUT"
 if [ "$MODE" = full ]; then
     WORKERS=$("$PY" -c 'import os; print(min(16, len(os.sched_getaffinity(0))))')
     TESTS=(tests/test_gpu_augment.py tests/test_gpu_augment_ops.py tests/test_step_overhead.py tests/test_bench_scripts.py
-           tests/test_train_cli.py)
+           tests/test_train_cli.py tests/test_gradcache.py)
     TRAIN=(--model resnet50 --batch-size 64 --size 224 --data synthetic,folder --data-path cpu,device
            --num-workers "$WORKERS" --gen-images 512 --warmup 8 --steps 25 --repeats 3 --rounds 1)
     BATCHES=(--model resnet50 --batch-size 32,128,256 --size 224 --data synthetic --no-plain

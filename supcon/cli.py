@@ -49,6 +49,14 @@ D = TrainConfig()
 @click.option("--std", type=str, help='Normalisation std "r,g,b" [default: computed from the data folder].')
 @click.option("--batch-size", "--batch_size", "batch_size", type=int, default=D.batch_size, show_default=True,
               help="Images per process per step (each gives 2 views).")
+@click.option("--chunk-size", "chunk_size", type=int,
+              help="Images per forward pass (exact gradient caching): the loss still sees the whole --batch-size, "
+                   "BatchNorm sees chunk statistics (see README) [default: the whole batch].")
+@click.option("--memory-size", type=int, default=D.memory_size, show_default=True,
+              help="Cross-batch memory: contrast against the last N projections (views) of earlier steps "
+                   "(0: off).")
+@click.option("--memory-warmup", type=int, default=D.memory_warmup, show_default=True,
+              help="Epochs before the cross-batch memory is contrasted against (it fills from the start).")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True)
 @click.option("--learning-rate", "--learning_rate", "learning_rate", type=float,
               help="[default: 0.5 x global batch / 1024, e.g. 0.015625 at batch 32]")

@@ -109,6 +109,9 @@ class TrainConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     batch_size: int = 32
+    chunk_size: int | None = None
+    memory_size: int = 0
+    memory_warmup: int = 0
     epochs: int = 1000
     learning_rate: float | None = None
     momentum: float = 0.9
@@ -156,6 +159,14 @@ class TrainConfig:
             raise UserError(f"--method must be 'supcon' or 'simclr', got {self.method!r}")
         if self.batch_size < 2:
             raise UserError(f"--batch-size must be at least 2 (contrastive loss needs pairs), got {self.batch_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise UserError(f"--chunk-size must be at least 1 (images per forward pass), got {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size > self.batch_size:
+            raise UserError(f"--chunk-size {self.chunk_size} is larger than --batch-size {self.batch_size}; "
+                            "it is the part of the batch that goes through the network at once")
+        if self.memory_size < 0 or self.memory_warmup < 0:
+            raise UserError(f"--memory-size and --memory-warmup must be >= 0, got {self.memory_size} and "
+                            f"{self.memory_warmup}")
         if self.knn_every < 0:
             raise UserError(f"--knn-every must be >= 0 (0 turns the kNN monitor off), got {self.knn_every}")
         check_bounds(self, at_least_one=("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k",

@@ -24,6 +24,10 @@ class SupConLoss(nn.Module):
     views and the contrast set is every process's views (a differentiable all-gather), so the
     global batch is contrasted; the mean over processes of the local losses (what DDP's gradient
     averaging optimises) is the single-process loss on the concatenated batch.
+
+    ``memory=(features [n, dim], labels [n])`` adds earlier steps' projections (a cross-batch memory,
+    :mod:`supcon.memory`) to the contrast set only: they are never anchors and no gradient flows into
+    them; positives where the labels match. ``None`` or an empty memory gives the loss without one.
     """
 
     def __init__(self, temperature: float = 0.07, base_temperature: float = 0.07, gather: bool = True):
@@ -32,7 +36,8 @@ class SupConLoss(nn.Module):
         self.base_temperature = base_temperature
         self.gather = gather
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None,
+                memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if features.dim() < 3:
             raise ValueError("features must be [batch, n_views, dim]")
         if features.dim() > 3:
@@ -59,6 +64,9 @@ class SupConLoss(nn.Module):
             contrast = anchors
             contrast_labels = anchor_labels
             self_index = torch.arange(anchors.shape[0], device=features.device)
+        if memory is not None and memory[0].shape[0] > 0:
+            contrast = torch.cat([contrast, memory[0].detach().to(contrast.device, contrast.dtype)])
+            contrast_labels = torch.cat([contrast_labels, memory[1].to(contrast_labels.device)])
 
         logits = anchors @ contrast.T / self.temperature
         self_mask = torch.zeros_like(logits, dtype=torch.bool)

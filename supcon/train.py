@@ -41,6 +41,7 @@ from supcon.engine import (
     exit_code,
 )
 from supcon.errors import UserError
+from supcon.gradcache import contrastive_step
 from supcon.health import (
     COLLAPSE_ADVICE,
     CollapseDetector,
@@ -50,6 +51,7 @@ from supcon.health import (
     knn_accuracy,
 )
 from supcon.losses import SupConLoss
+from supcon.memory import ProjectionMemory
 from supcon.models import build_model, check_model_name, model_config_from
 from supcon.optim import build_optimizer, implementation_of, keep_implementation
 from supcon.rundir import (
@@ -81,23 +83,6 @@ class EpochState:
     loss_sum: float = 0.0
     spread_sum: float = 0.0
     seconds: float = 0.0
-
-
-def _two_view_step(model, loss_fn, optimizer, accelerator: Accelerator, views: torch.Tensor, labels: torch.Tensor,
-                   channels_last: bool, supervised: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on ``[B, n_views, C, H, W]`` views; returns the detached loss and view-1 projections."""
-    batch, n_views = views.shape[:2]
-    inputs = views.flatten(0, 1)
-    if channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with accelerator.autocast():
-        projection = model(inputs)["projection"]
-    projection = projection.float().view(batch, n_views, -1)
-    loss = loss_fn(projection, labels if supervised else None)
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    optimizer.step()
-    return loss.detach(), projection.detach()[:, 0]
 
 
 class _StepWindow:
@@ -159,6 +144,9 @@ def train_one_epoch(
     should_stop: Callable[[int], bool] = lambda step: False,
     log_every: int = 10,
     progress=None,
+    chunk_size: int | None = None,
+    memory: ProjectionMemory | None = None,
+    memory_warmup: int = 0,
 ) -> EpochState:
     """Train for one epoch (0-based ``epoch``) from ``state.steps_done``; returns the updated state.
 
@@ -168,6 +156,9 @@ def train_one_epoch(
         should_stop: called after each step with the step index within the epoch; True stops early
             (``state.steps_done`` then tells where to resume).
         progress: an optional tqdm bar, advanced per step.
+        chunk_size: images per forward pass (gradient caching, :mod:`supcon.gradcache`); None: the whole batch.
+        memory: a cross-batch memory of earlier projections; it is contrasted against from epoch
+            ``memory_warmup`` (0-based) on, and filled from the start.
 
     Raises:
         UserError: the loss became NaN or infinite (names the epoch and step).
@@ -188,8 +179,9 @@ def train_one_epoch(
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         views = augment(images, global_step) if augment is not None else images
-        loss, first_view = _two_view_step(model, loss_fn, optimizer, accelerator, views, labels, channels_last,
-                                          supervised)
+        loss, first_view = contrastive_step(model, loss_fn, optimizer, accelerator, views, labels,
+                                            channels_last=channels_last, supervised=supervised,
+                                            chunk_size=chunk_size, memory=memory, use_memory=epoch >= memory_warmup)
         window.add(loss, embedding_spread(first_view))
         steps += 1
         last_of_epoch = step_in_epoch + 1 == steps_per_epoch
@@ -256,6 +248,8 @@ class SupConTrainer:
         self.detector = CollapseDetector(patience=config.collapse_patience)
         self.collapsed_value = collapsed_loss(self.global_batch, N_VIEWS, config.temp, config.base_temp)
         self.epoch_state = EpochState()
+        self.memory = (ProjectionMemory(config.memory_size, config.feat_dim, self.accelerator.device)
+                       if config.memory_size else None)
         self.loader = self.sampler = self.augment = self.knn_loaders = None
 
     def _build_model(self):
@@ -287,6 +281,8 @@ class SupConTrainer:
         set_rng_state(state["rng"])
         self.detector.load_state_dict(state.get("collapse", {}))
         self.epoch_state = EpochState(**state.get("epoch_state", {}))
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
         return int(state["epoch"])
 
     def run_info(self, bad_images: int) -> dict[str, Any]:
@@ -330,7 +326,7 @@ class SupConTrainer:
             self.model, self.loss_fn, self.loader, self.optimizer, self.schedule, self.accelerator, epoch,
             supervised=config.method == "supcon", state=self.epoch_state, augment=self.augment,
             channels_last=config.channels_last, should_stop=should_stop, log_every=config.log_every,
-            progress=progress)
+            progress=progress, chunk_size=config.chunk_size, memory=self.memory, memory_warmup=config.memory_warmup)
         return self.epoch_state if self.epoch_state.steps_done == self.steps_per_epoch else None
 
     def stopped_mid_epoch(self, epoch: int) -> tuple[dict[str, dict[str, Any]], str]:
@@ -379,7 +375,8 @@ class SupConTrainer:
             resume_state={"optimizer": self.optimizer.state_dict(),
                           "scaler": scaler.state_dict() if scaler is not None else None,
                           "epoch_state": vars(state).copy(), "collapse": self.detector.state_dict(),
-                          "rng": rng_state()})
+                          "rng": rng_state(),
+                          "memory": self.memory.state_dict() if self.memory is not None else None})
 
     def _knn_monitor(self) -> float:
         """Weighted kNN accuracy of the encoder's features: val queries against the training bank."""

@@ -63,6 +63,20 @@ def test_bench_train_compares_the_plain_and_fast_paths(jpeg_folder, tmp_path, ca
     assert "| plain |" in output and f"| {reference} |" in output
 
 
+def test_bench_train_times_gradient_caching(tmp_path):
+    bench = load_script("bench_train")
+    out = tmp_path / "train.json"
+    bench.main(["--model", "test_resnet", "--small-input", "--size", "16", "--batch-size", "4", "--chunk-size", "0,2",
+                "--data", "synthetic", "--no-plain", "--warmup", "1", "--steps", "1", "--repeats", "1", "--rounds", "1",
+                "--threads", "1", "--precision", "fp32", "--memory-format", "nchw", "--out", str(out)])
+    # the project's rows; the reference loop (no chunking) is measured beside them
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["results"] if not r["setting"].startswith("reference")}
+    whole, chunked = "fast fp32/nchw/eager/device-aug", "fast fp32/nchw/eager/device-aug/chunk2"
+    assert set(rows) == {whole, chunked}
+    assert (rows[whole]["chunk_size"], rows[chunked]["chunk_size"]) == (0, 2)
+    assert all(row["images_per_s"] > 0 for row in rows.values())
+
+
 def test_bench_loader_reports_each_pipeline_per_worker_count(jpeg_folder, tmp_path):
     bench = load_script("bench_loader")
     out = tmp_path / "loader.json"

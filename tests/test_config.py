@@ -190,6 +190,10 @@ def test_parse_int_list():
     ({"lr_decay_rate": 1.5}, "--lr-decay-rate"),
     ({"precision": "fp8"}, "--precision"),
     ({"num_workers": -1}, "--num-workers"),
+    ({"chunk_size": 0}, "--chunk-size must be at least 1"),
+    ({"batch_size": 8, "chunk_size": 16}, "--chunk-size 16 is larger than --batch-size 8"),
+    ({"memory_size": -1}, "--memory-size and --memory-warmup must be >= 0"),
+    ({"memory_warmup": -2}, "--memory-size and --memory-warmup must be >= 0"),
 ])
 def test_validate_names_the_option(overrides, message):
     config = TrainConfig(**{"data_folder": "somewhere", **overrides})
