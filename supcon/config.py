@@ -286,11 +286,24 @@ def to_yaml_dict(config) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RUNTIME_KEYS) -> list[str]:
-    """Names of options whose values differ between two resolved configs, ignoring runtime-only ones."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore=RUNTIME_KEYS,
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+    """Names of options whose values differ between two resolved configs, ignoring runtime-only ones.
+
+    ``defaults``: the options' defaults; an option that ``old`` does not record (a run started before
+    the option existed) trained as its default, so asking for the default is no difference.
+    """
     keys = (set(old) | set(new)) - set(ignore)
-    # A value left to "auto" (None) in the new command takes the run's recorded, resolved value.
-    return sorted(k for k in keys if new.get(k) is not None and old.get(k) != new.get(k))
+    defaults = defaults or {}
+
+    def differs(key: str) -> bool:
+        if new.get(key) is None:  # left to "auto": takes the run's recorded, resolved value
+            return False
+        if key not in old and key in defaults:
+            return new[key] != defaults[key]
+        return old.get(key) != new[key]
+
+    return sorted(k for k in keys if differs(k))
 
 
 #: How the learning rate of a run was chosen (recorded in ``run_info.learning_rate_rule``).

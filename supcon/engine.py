@@ -343,15 +343,17 @@ class RunEngine:
         return RecordedRun(*split_config(read_config(run_dir)))
 
     def refuse_changes(self, recorded: RecordedRun | None, requested: dict[str, Any], ignore: frozenset[str],
-                       global_batch: int, batch_size: int) -> None:
+                       global_batch: int, batch_size: int, defaults: dict[str, Any] | None = None) -> None:
         """Refuse to resume a run with other options, or with another number of processes.
+
+        ``defaults``: the options' defaults, for options added after the run started (it trained as those).
 
         Raises:
             UserError: naming up to four differing options, or the two global batches.
         """
         if recorded is None:
             return
-        diffs = config_differences(recorded.options, requested, ignore=ignore)
+        diffs = config_differences(recorded.options, requested, ignore=ignore, defaults=defaults)
         if diffs:
             details = ", ".join(f"{k}: run has {recorded.options.get(k)!r}, now {requested.get(k)!r}"
                                 for k in diffs[:4])

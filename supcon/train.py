@@ -410,7 +410,8 @@ def _refuse_changes(engine: RunEngine, recorded: RecordedRun | None, config: Tra
                    "the cosine schedule is set by --epochs, so a longer run is a different run from its first "
                    "epoch; start a new run (only --no-cosine runs can be extended with --resume --epochs N)"))
         ignore = RUNTIME_KEYS | {"epochs"}  # the step schedule and warm-up do not depend on the total
-    engine.refuse_changes(recorded, to_yaml_dict(config), ignore, global_batch, config.batch_size)
+    engine.refuse_changes(recorded, to_yaml_dict(config), ignore, global_batch, config.batch_size,
+                          defaults=to_yaml_dict(TrainConfig()))
 
 
 def _finished_message(run_dir: Path, state: dict[str, Any], config: TrainConfig) -> str | None:

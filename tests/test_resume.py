@@ -253,3 +253,38 @@ def test_kill_9_of_the_plain_command_after_epoch_2(data, straight, tmp_path):
     result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
     assert result.exit_code == 0, result.output
     assert_identical_training_state(run_dir, straight)
+
+
+#: Options added after the first runs were recorded (a run dir from then has none of them in config.yaml).
+NEWER_OPTIONS = ("allow_split_class_names", "allow_data_change", "keep_last", "chunk_size", "memory_size",
+                 "memory_warmup")
+
+
+def test_a_run_recorded_before_newer_options_resumes_identically(data, straight, tmp_path, monkeypatch):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    original = SupConLoss.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * STEPS_PER_EPOCH + 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SupConLoss, "forward", forward)
+    assert invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS]).exit_code == 130
+    monkeypatch.undo()
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert all(name in recorded for name in NEWER_OPTIONS)
+    for name in NEWER_OPTIONS:  # as an older version wrote it
+        del recorded[name]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_identical_training_state(run_dir, straight)
+    # asking for something else than what the old run trained with is still refused
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume", "--memory-size", "64"])
+    assert result.exit_code != 0 and "memory_size" in result.output

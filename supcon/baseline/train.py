@@ -469,7 +469,8 @@ def _start(config: BaselineConfig, progress: bool) -> tuple[BaselineConfig, RunE
         engine.choose_run_dir(config.run_dir, config.resume, f"{config.model}_baseline", config.batch_size)
         recorded = engine.open_existing(config.resume)
         global_batch = config.batch_size * engine.world
-        engine.refuse_changes(recorded, to_yaml_dict(config), RUNTIME_KEYS, global_batch, config.batch_size)
+        engine.refuse_changes(recorded, to_yaml_dict(config), RUNTIME_KEYS, global_batch, config.batch_size,
+                              defaults=to_yaml_dict(BaselineConfig()))
     except BaseException:
         engine.close()
         raise
