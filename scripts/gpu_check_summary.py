@@ -65,13 +65,19 @@ def profile_rows(folder: Path) -> tuple[list[list], str]:
     return rows, title
 
 
+#: The columns of check-accuracies' comparison.csv worth a line of the summary (the CSV has them all).
+PIPELINE_COLUMNS = ("kind", "batch_size", "backbone_epoch", "head_epoch", "val_accuracy", "accuracy", "f1",
+                    "num_test", "network")
+
+
 def pipeline_rows(folder: Path) -> tuple[list[str], list[list]]:
     path = folder / "pipeline" / "comparison.csv"
     if not path.is_file():
         return [], []
     with path.open(newline="") as handle:
-        table = list(csv.reader(handle))
-    return (table[0], table[1:]) if table else ([], [])
+        rows = list(csv.DictReader(handle))
+    columns = [c for c in PIPELINE_COLUMNS if rows and c in rows[0]]
+    return columns, [[row[c] for c in columns] for row in rows]
 
 
 def summary(folder: Path) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from bench_common import header, markdown_table, write_json  # noqa: E402
+from bench_common import MEAN, STD, header, markdown_table, write_json  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 #: Operators whose result the host must wait for (a value, or a data-dependent output size).
@@ -176,7 +176,7 @@ def project_step(args, data_path: str):
     images, labels = bench.synthetic_batch(setting, args.batch_size, args.size, device)
     augment = None
     if data_path == "device":
-        spec = AugmentSpec.supcon(args.size, bench.MEAN, bench.STD)
+        spec = AugmentSpec.supcon(args.size, MEAN, STD)
         augment = DeviceAugment(spec, device, seed=0, channels_last=args.channels_last)
     loss_fn = SupConLoss()
 
@@ -199,9 +199,8 @@ def reference_step(args):
 def augment_only(args):
     from supcon.gpu_augment import AugmentSpec, DeviceAugment
 
-    bench = _bench_train()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    spec = AugmentSpec.supcon(args.size, bench.MEAN, bench.STD)
+    spec = AugmentSpec.supcon(args.size, MEAN, STD)
     augment = DeviceAugment(spec, device, seed=0, channels_last=args.channels_last)
     pixels = torch.randint(0, 256, (args.batch_size, 2, args.size, args.size, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0)).to(device)
