@@ -180,18 +180,23 @@ def test_sigterm_saves_mid_epoch_state_promptly_and_resumes_identically(data, st
     assert_same_metrics(run_dir, straight)
 
 
-def test_ctrl_c_mid_epoch_in_process_then_resume(data, straight, tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
+def ctrl_c_at_loss_call(monkeypatch, call: int) -> None:
+    """Send this process a SIGINT (Ctrl-C) during the ``call``-th loss computation (1-based)."""
     original = SupConLoss.forward
     calls = []
 
     def forward(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2 * STEPS_PER_EPOCH + 1:
+        if len(calls) == call:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SupConLoss, "forward", forward)
+
+
+def test_ctrl_c_mid_epoch_in_process_then_resume(data, straight, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    ctrl_c_at_loss_call(monkeypatch, 2 * STEPS_PER_EPOCH + 1)
     result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS])
     assert result.exit_code == 130, result.output
     state = final_state(run_dir)
@@ -264,16 +269,7 @@ def test_a_run_recorded_before_newer_options_resumes_identically(data, straight,
     import yaml
 
     run_dir = tmp_path / "run"
-    original = SupConLoss.forward
-    calls = []
-
-    def forward(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 * STEPS_PER_EPOCH + 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SupConLoss, "forward", forward)
+    ctrl_c_at_loss_call(monkeypatch, 2 * STEPS_PER_EPOCH + 1)
     assert invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS]).exit_code == 130
     monkeypatch.undo()
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
