@@ -84,9 +84,12 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
     if result.corrupt:
         click.echo(f"not probed, unreadable (corrupt or truncated; left as they are): {', '.join(result.corrupt)}")
     if result.records:
-        from linear_probe.select import select
+        from linear_probe.select import DEFAULT_RULE, select
 
-        click.echo(f"selection on val (check-accuracies --select within-noise): {select(result.records).note()}")
+        selection = select(result.records)
+        click.echo(f"selection on val (check-accuracies --select {DEFAULT_RULE}): {selection.note()}")
+        if selection.advice():
+            click.echo(selection.advice())
     click.echo(f"probed {len(result.probed)}, skipped {len(result.skipped)} already probed; results in "
                f"{result.probe_dir} ({', '.join(p.name for p in result.files.values())})")
     return 0
@@ -102,8 +105,10 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
 @click.option("--average", type=click.Choice(AVERAGES), default=C.average, show_default=True,
               help="Averaging of precision/recall/F1 over classes (per-class values go to the JSON).")
 @click.option("--select", type=click.Choice(SELECTION_RULES), default=C.select, show_default=True,
-              help="How a SupCon run's checkpoint is chosen on val: within-noise (the latest of those within one "
-                   "standard error of the best settled val accuracy) or max-val-acc (the recorded experiments' rule).")
+              help="How a SupCon run's checkpoint is chosen on val: trend (settled val accuracy averaged over "
+                   "neighbouring checkpoints; the latest within one standard error of the best), within-noise (the "
+                   "lowest val loss of those within the 95% interval of the best) or max-val-acc (the recorded "
+                   "experiments' rule).")
 @click.option("--bootstrap", type=int, default=C.bootstrap, show_default=True,
               help="Bootstrap resamples of the test images for the 95%% intervals and paired F1 differences (0: none).")
 @click.option("--bootstrap-seed", type=int, default=C.bootstrap_seed, show_default=True,

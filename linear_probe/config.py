@@ -18,7 +18,7 @@ HEAD_SOLVERS = ("sgd", "lbfgs")
 AVERAGES = ("macro", "micro", "weighted", "binary")
 
 #: ``check-accuracies --select`` rules, the default first (see ``linear_probe.select``).
-SELECTION_RULES = ("within-noise", "max-val-acc")
+SELECTION_RULES = ("trend", "within-noise", "max-val-acc")
 
 
 def _default_workers() -> int:

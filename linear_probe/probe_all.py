@@ -4,6 +4,7 @@ Outputs under ``RUN/probe/``::
 
     probe_results.csv / .md   checkpoint, backbone epoch, best val accuracy, head epoch (+ details in the CSV)
     probe_plot.png            best val accuracy per checkpoint over the training loss
+    selection.json            the checkpoint the default selection rule takes (``baseline-train --init-from RUN``)
     heads/<ckpt>__<key>.pth   each head's weights and record (weights_only-loadable)
     cache/features_<key>.pt   encoded features, keyed by checkpoint content + folder + transform
 
@@ -16,6 +17,7 @@ per run (``RUN/probe/.lock``); a second is refused, naming the first.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -54,10 +56,11 @@ from linear_probe.plateau import AutoFrom, choose_from_run, read_curves
 from linear_probe.probe import HeadSettings, settings_key, train_linear_head
 from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
 from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
+from linear_probe.select import Selection, select
 from supcon.checkpoint import CorruptCheckpoint, atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
-from supcon.rundir import load_supcon_checkpoint
+from supcon.rundir import SELECTION_FILE, load_supcon_checkpoint
 from supcon.runlock import RunLock
 
 logger = logging.getLogger(__name__)
@@ -180,7 +183,20 @@ def _write_results(run: RunInfo, auto: AutoFrom | None) -> tuple[list[HeadRecord
     atomic_write_text(f"# Linear probe: {run_dir.name}\n\n{markdown}", files["markdown"])
     plot_probe(files["plot"], records, read_curves(run_dir), auto.epoch if auto else None,
                title=f"{run_dir.name}: linear probe per checkpoint")
+    if records:
+        files["selection"] = run.probe_dir / SELECTION_FILE
+        atomic_write_text(json.dumps(selection_record(select(records)), indent=2) + "\n", files["selection"])
     return records, markdown, files
+
+
+def selection_record(selection: Selection) -> dict:
+    """``probe/selection.json``: the checkpoint the default rule takes, for stages that start from it."""
+    record = selection.record
+    return {"rule": selection.rule, "checkpoint": record.checkpoint, "backbone_epoch": record.backbone_epoch,
+            "steps_into_epoch": record.steps_into_epoch, "checkpoint_sha256": record.checkpoint_stamp.sha256,
+            "settings_key": record.settings_key, "head_file": str(record.path) if record.path else None,
+            "head": "final" if selection.final_head else "best", "val_accuracy": selection.val_accuracy,
+            "num_val": record.num_val, "note": selection.note(), "advice": selection.advice()}
 
 
 def _prepare_data(run: RunInfo, config: ProbeConfig) -> _ProbeData:

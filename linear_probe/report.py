@@ -195,13 +195,22 @@ def _plot_val_accuracy(axis, records: Sequence[HeadRecord], curves: dict[str, li
         values += knn
     if records:
         selection = select(records)
-        best_score = 100 * max(selection.scores.values())
-        axis.axhspan(best_score - 100 * selection.band, best_score, color="tab:red", alpha=0.08,
-                     label="within the noise (95%) of the best settled acc.")
+        scores = selection.smoothed or selection.scores
+        if selection.smoothed:
+            from linear_probe.select import curves_by_settings
+
+            for curve in curves_by_settings(records):
+                axis.plot([r.backbone_epoch for r in curve],
+                          [100 * scores[f"{r.checkpoint}__{r.settings_key}"] for r in curve], linestyle="--",
+                          color="tab:gray", label="settled val acc. averaged with the neighbouring checkpoints")
+        best_score = 100 * max(scores.values())
+        what = ("within one standard error of the best averaged acc." if selection.smoothed
+                else "within the noise (95%) of the best settled acc.")
+        axis.axhspan(best_score - 100 * selection.band, best_score, color="tab:red", alpha=0.08, label=what)
         chosen = selection.record
         axis.plot([chosen.backbone_epoch], [100 * selection.val_accuracy], marker="*", markersize=16,
                   color="gold", markeredgecolor="black", linestyle="none",
-                  label=f"check-accuracies' choice (within-noise):\n{chosen.checkpoint}, final head")
+                  label=f"check-accuracies' choice ({selection.rule}):\n{chosen.checkpoint}, final head")
         values += [best_score - 100 * selection.band]
     num_val = min((r.num_val for r in records), default=0)
     label = "val accuracy (%)"

@@ -1,17 +1,23 @@
 """Choosing a run's (checkpoint, head) for the test set, from validation results only.
 
 The functions see nothing but probe records (val accuracies and losses), so the test set cannot
-influence the choice. Two rules:
+influence the choice. Three rules:
 
-``within-noise`` (default)
-    Score each probed checkpoint by its head's *settled* val accuracy: the mean over the last tenth
-    of the head epochs (at least one), where the cosine schedule has nearly stopped, instead of the
-    luckiest head epoch. Every checkpoint whose score is within the noise of the best score (the
-    half-width of the 95% Wilson interval of the best on the val set size) is as good as the best
-    as far as the val set can tell; among those take the lowest settled val cross-entropy (a
-    continuous score: it still moves when no image changes class), then the later backbone state.
-    The head tested is that checkpoint's *final* head (the last head epoch), not its luckiest one;
-    head files written before final heads were stored fall back to the best head epoch.
+``trend`` (default)
+    Score each probed checkpoint by its head's *settled* val accuracy (the mean over the last tenth
+    of the head epochs, where the head's schedule has nearly stopped; an L-BFGS head's one fit) and
+    average each score with its neighbouring checkpoints' (one on each side, same probe settings), so
+    that one lucky or unlucky checkpoint does not decide. Then the one-standard-error rule (as in
+    choosing a model by cross-validation): of the checkpoints whose smoothed score is within one
+    standard error of the highest (the 95% Wilson half-width / 1.96 on the val set size), take the
+    *latest* backbone state. On a curve that still rises that is a late checkpoint, on a plateau the
+    end of it (more training at no measurable cost), on a curve that falls the last checkpoint of its
+    peak region. The head tested is the checkpoint's final head.
+``within-noise``
+    The same settled scores without smoothing; of the checkpoints within the noise of the best, the
+    lowest settled val cross-entropy. On a curve that rises within the noise band this takes early
+    checkpoints (a rising curve's early heads often have the lower loss), which is why it is no
+    longer the default.
 ``max-val-acc``
     The single highest val accuracy over every (checkpoint, head epoch); ties by :data:`MAX_TIE_RULE`.
     The rule of the recorded experiments, which chases val noise: on 359 val images one image is
@@ -23,14 +29,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 from linear_probe.checkpoints import format_backbone_epoch
 from linear_probe.config import SELECTION_RULES
 from linear_probe.heads import HeadRecord
 from supcon.metrics import CONFIDENCE, wilson_interval
 
-WITHIN_NOISE, MAX_VAL_ACC = SELECTION_RULES
-DEFAULT_RULE = WITHIN_NOISE
+TREND, WITHIN_NOISE, MAX_VAL_ACC = SELECTION_RULES
+DEFAULT_RULE = TREND
+#: Neighbouring checkpoints on each side averaged into a checkpoint's ``trend`` score.
+SMOOTH_HALF_WINDOW = 1
 #: Share of the head epochs, at the end, averaged into the settled score.
 SETTLED_SHARE = 0.1
 
@@ -40,6 +49,8 @@ MAX_TIE_RULE = (
     "settings key"
 )
 RULE_TEXT = {
+    TREND: "trend: settled val accuracy (mean of the last tenth of the head epochs) averaged with the neighbouring "
+           "checkpoints'; of the checkpoints within one standard error of the best, the latest backbone state",
     WITHIN_NOISE: "within-noise: of the checkpoints whose settled val accuracy (mean of the last tenth of the "
                   "head epochs) is within the 95% interval of the best, the one with the lowest settled val loss; "
                   "then the later backbone state",
@@ -94,11 +105,63 @@ def _half_width(accuracy: float, num_val: int, confidence: float) -> float:
     return (high - low) / 2
 
 
+def standard_error(accuracy: float, num_val: int) -> float:
+    """One standard error of an accuracy on ``num_val`` images: the 95% Wilson half-width over its z (1.96)."""
+    return _half_width(accuracy, num_val, CONFIDENCE) / float(NormalDist().inv_cdf(0.5 + CONFIDENCE / 2))
+
+
+def _position(record: HeadRecord) -> tuple:
+    """Order of backbone states: epoch, then steps into the next epoch (a mid-epoch ``last.pth``), then name."""
+    return record.backbone_epoch, record.steps_into_epoch, record.checkpoint
+
+
+def curves_by_settings(records: Sequence[HeadRecord]) -> list[list[HeadRecord]]:
+    """The records grouped by probe settings, each group in backbone order (one curve per settings key)."""
+    groups: dict[str, list[HeadRecord]] = {}
+    for record in records:
+        groups.setdefault(record.settings_key, []).append(record)
+    return [sorted(group, key=_position) for _, group in sorted(groups.items())]
+
+
+def smoothed_scores(records: Sequence[HeadRecord], half_window: int = SMOOTH_HALF_WINDOW) -> dict[str, float]:
+    """Each record's settled val accuracy averaged with its ``half_window`` neighbours on each side.
+
+    Neighbours are the adjacent backbone states probed with the same settings; the window shrinks at
+    the ends of the curve. Keys: ``checkpoint__settings_key``.
+    """
+    smoothed = {}
+    for curve in curves_by_settings(records):
+        scores = [settled_val_accuracy(r) for r in curve]
+        for i, record in enumerate(curve):
+            window = scores[max(0, i - half_window): i + half_window + 1]
+            smoothed[_name(record)] = float(sum(window) / len(window))
+    return smoothed
+
+
+def still_rising(records: Sequence[HeadRecord], smoothed: dict[str, float],
+                 band: float) -> tuple[HeadRecord, HeadRecord] | None:
+    """``(first, last)`` checkpoint of the curve when it still rises at its last backbone state, else None.
+
+    Rising: on the last state's curve (its probe settings, at least 3 checkpoints) the smoothed score
+    is highest at the last checkpoint and rose over the later half of the curve by at least ``band``
+    (one standard error of an accuracy on the val set).
+    """
+    last = max(records, key=_position)
+    curve = next(c for c in curves_by_settings(records) if c[-1] is last) if records else []
+    if len(curve) < 3:
+        return None
+    values = [smoothed[_name(r)] for r in curve]
+    later_half = values[len(values) // 2:]
+    if values[-1] < max(values) - 1e-12 or values[-1] - min(later_half) < band:
+        return None
+    return curve[0], last
+
+
 @dataclass
 class Selection:
     """The chosen record and why: the rule, each candidate's score, and those within the noise of the best.
 
-    ``final_head``: test the record's final head (``within-noise``), else its best-val head epoch.
+    ``final_head``: test the record's final head (``trend``, ``within-noise``), else its best-val head epoch.
     """
 
     record: HeadRecord
@@ -109,6 +172,9 @@ class Selection:
     within_noise: list[HeadRecord] = field(default_factory=list)
     candidates: int = 0
     final_head: bool = False
+    #: ``trend``: the smoothed scores compared; the last checkpoint when the curve still rises there.
+    smoothed: dict[str, float] = field(default_factory=dict)
+    rising: tuple[HeadRecord, HeadRecord] | None = None
 
     @property
     def head_epoch(self) -> int:
@@ -132,17 +198,31 @@ class Selection:
         values = list(self.scores.values())
         spread = 100 * (max(values) - min(values))
         half_width = 100 * _half_width(max(values), self.num_val, CONFIDENCE)
-        score = "settled val accuracy" if self.rule == WITHIN_NOISE else "best val accuracy"
+        score = "best val accuracy" if self.rule == MAX_VAL_ACC else "settled val accuracy"
         chosen = format_backbone_epoch(self.record.backbone_epoch, self.record.steps_into_epoch)
         text = (f"{self.candidates} probed checkpoints span {spread:.2f} points of {score} on {self.num_val} val "
                 f"images, where a 95% interval on one is about ±{half_width:.2f} points")
-        if self.rule == WITHIN_NOISE:
+        if self.rule == TREND:
+            text += (f"; averaged with their neighbours, {len(self.within_noise)} are within one standard error "
+                     f"(±{100 * self.band:.2f} points) of the best, of which the latest is backbone epoch {chosen}")
+        elif self.rule == WITHIN_NOISE:
             text += (f"; {len(self.within_noise)} are within that noise of the best and not resolvable from it, "
                      f"of which backbone epoch {chosen} has the lowest settled val loss")
         else:
             text += (f"; {len(self.within_noise)} are within that interval of the highest, so the choice of "
                      f"backbone epoch {chosen} is not resolvable from them")
         return text + "."
+
+    def advice(self) -> str | None:
+        """One sentence when the val curve still rises at the last checkpoint (train longer), else None."""
+        if self.rising is None:
+            return None
+        first, last = self.rising
+        epoch = format_backbone_epoch(last.backbone_epoch, last.steps_into_epoch)
+        return (f"still improving at epoch {epoch}: the smoothed val accuracy is highest at the last checkpoint "
+                f"({100 * self.smoothed[_name(last)]:.1f}%, from {100 * self.smoothed[_name(first)]:.1f}% at "
+                f"epoch {format_backbone_epoch(first.backbone_epoch, first.steps_into_epoch)}): train longer (a new "
+                "run with a larger --epochs; a --no-cosine run resumes with --resume --epochs N)")
 
 
 def select(records: Sequence[HeadRecord], rule: str = DEFAULT_RULE) -> Selection:
@@ -163,6 +243,14 @@ def select(records: Sequence[HeadRecord], rule: str = DEFAULT_RULE) -> Selection
         return Selection(chosen, rule, num_val, {_name(r): r.best_val_accuracy for r in records}, band, close,
                          len(records))
     scores = {_name(r): settled_val_accuracy(r) for r in records}
+    if rule == TREND:
+        smoothed = smoothed_scores(records)
+        best = max(smoothed.values())
+        band = standard_error(best, num_val)
+        close = [r for r in records if smoothed[_name(r)] >= best - band - 1e-12]
+        chosen = max(close, key=lambda r: (*_position(r)[:2], -settled_val_loss(r), r.checkpoint, r.settings_key))
+        return Selection(chosen, rule, num_val, scores, band, close, len(records), final_head=True,
+                         smoothed=smoothed, rising=still_rising(records, smoothed, band))
     best = max(scores.values())
     band = _half_width(best, num_val, CONFIDENCE)
     close = [r for r in records if settled_val_accuracy(r) >= best - band - 1e-12]
@@ -171,7 +259,7 @@ def select(records: Sequence[HeadRecord], rule: str = DEFAULT_RULE) -> Selection
 
 
 def select_best(records: Sequence[HeadRecord], rule: str = DEFAULT_RULE) -> HeadRecord:
-    """The (checkpoint, head) that ``check-accuracies`` tests under ``rule`` (default: ``within-noise``).
+    """The (checkpoint, head) that ``check-accuracies`` tests under ``rule`` (default: ``trend``).
 
     Raises:
         ValueError: no records, or an unknown rule.

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 from datetime import datetime
@@ -57,6 +58,9 @@ BEST = "best.pth"
 TENSORBOARD_DIR = "tensorboard"
 PROBE_DIR = "probe"
 CACHE_DIR = "cache"
+#: ``RUN/probe/selection.json``: the checkpoint the default selection rule takes, written by probe-all and
+#: read by later stages that start from "the selected checkpoint" (``baseline-train --init-from RUN``).
+SELECTION_FILE = "selection.json"
 #: The sorted relative paths of the training images (the sampler draws images by their index in it).
 DATA_LISTING = "train_images.txt"
 RUN_INFO_KEY = "run_info"
@@ -298,6 +302,24 @@ def run_kind(run_dir: str | os.PathLike) -> str | None:
     except UserError:
         return None
     return str(run_info.get("kind", SUPCON_KIND)) if isinstance(run_info, dict) else None
+
+
+def read_selection(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's ``probe/selection.json`` (None when probe-all has not written one).
+
+    Raises:
+        UserError: the file exists but cannot be read as a JSON mapping.
+    """
+    path = Path(run_dir) / PROBE_DIR / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not readable JSON; run probe-all --run {run_dir} again")
+    if not isinstance(data, dict) or "checkpoint" not in data:
+        raise UserError(f"{path} names no checkpoint; run probe-all --run {run_dir} again")
+    return data
 
 
 def find_runs(root: str | os.PathLike = DEFAULT_RUNS_ROOT) -> list[Path]:

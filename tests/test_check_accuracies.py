@@ -107,7 +107,7 @@ def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_
     assert (selection["checkpoint"], selection["head"]) == (best.checkpoint, "final")
     assert selection["head_epoch"] == len(best.val_accuracy_per_epoch) == best.settings["epochs"]
     assert selection["val_accuracy"] == best.val_accuracy_per_epoch[-1] and selection["candidates"] == 2
-    assert selection["rule"] == "within-noise" and "95% interval" in selection["rule_text"]
+    assert selection["rule"] == "trend" and "one standard error" in selection["rule_text"]
     assert "2 probed checkpoints span" in selection["note"] and "on 18 val images" in selection["note"]
     low, high = selection["val_accuracy_interval"]
     assert low < best.best_val_accuracy <= high <= 1
@@ -294,5 +294,5 @@ def test_negative_bootstrap_is_refused(runs_root):
 def test_unknown_selection_rule_is_refused_in_yaml(runs_root, tmp_path):
     config = tmp_path / "check.yaml"
     config.write_text("check:\n  select: best-test\n")
-    assert_refused(["--runs-root", runs_root, "--config", config], "--select must be one of within-noise, "
+    assert_refused(["--runs-root", runs_root, "--config", config], "--select must be one of trend, within-noise, "
                    "max-val-acc", runs_root)

@@ -1,6 +1,7 @@
 """probe-all end to end through its CLI: files, table, skipping, ranges, --augment, --from auto, bad input."""
 
 import csv
+import json
 import shutil
 
 import pytest
@@ -60,7 +61,7 @@ def test_cli_probes_every_checkpoint_and_writes_every_file(run_copy, tmp_path, m
     assert result.exit_code == 0, result.stderr
     assert "| ckpt_epoch_2.pth | 2 |" in result.stdout and "| ckpt_epoch_4.pth | 4 |" in result.stdout
     assert "probed 2, skipped 0" in result.stdout
-    assert "selection on val (check-accuracies --select within-noise): 2 probed checkpoints span" in result.stdout
+    assert "selection on val (check-accuracies --select trend): 2 probed checkpoints span" in result.stdout
     probe = run / "probe"
     rows = read_table(run)
     assert [(r["checkpoint"], r["backbone_epoch"]) for r in rows] == [("ckpt_epoch_2.pth", "2"),
@@ -73,6 +74,7 @@ def test_cli_probes_every_checkpoint_and_writes_every_file(run_copy, tmp_path, m
     perfect = [line for line in markdown.splitlines() if line.startswith("| ckpt_epoch_") and "| 100.00% [" in line]
     assert all("| 100.00% [82.41, 100.00] |" in line for line in perfect)
     assert (probe / "probe_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((probe / "selection.json").read_text())["checkpoint"] in {"ckpt_epoch_2.pth", "ckpt_epoch_4.pth"}
     heads = sorted((probe / "heads").glob("*.pth"))
     assert [h.name.split("__")[0] for h in heads] == ["ckpt_epoch_2", "ckpt_epoch_4"]
     for head, row in zip(heads, rows, strict=True):

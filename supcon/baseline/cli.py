@@ -40,6 +40,9 @@ D = BaselineConfig()
               help="Start from ImageNet weights via timm/torchvision (needs network).")
 @click.option("--pretrained-file", type=str,
               help="Start the backbone from a local weights file (state dict, supcon-train or baseline checkpoint).")
+@click.option("--init-from", type=str,
+              help="Fine-tune from a SupCon encoder: a supcon-train run (the checkpoint probe-all selected) or one "
+                   "of its checkpoints (RUN/ckpt_epoch_N.pth); --model, --small-input and --size must match it.")
 @click.option("--small-input/--no-small-input", "small_input", default=D.small_input, show_default=True,
               help="timm models: 3x3 stride-1 stem without max-pool, for tiny (e.g. 32 px) images.")
 @click.option("--head", type=click.Choice(HEADS), help="Classifier head [default: linear; a custom net's own head].")

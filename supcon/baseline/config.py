@@ -42,6 +42,7 @@ class BaselineConfig:
     features: str = "pixels"
     pretrained: bool = False
     pretrained_file: str | None = None
+    init_from: str | None = None
     small_input: bool = False
     head: str | None = None
     head_hidden: int | None = None
@@ -96,6 +97,12 @@ class BaselineConfig:
             raise UserError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.pretrained and self.pretrained_file:
             raise UserError("give --pretrained (download ImageNet weights) or --pretrained-file, not both")
+        if self.init_from and (self.pretrained or self.pretrained_file):
+            raise UserError("--init-from starts the backbone from a SupCon checkpoint; it cannot be combined with "
+                            f"{'--pretrained' if self.pretrained else '--pretrained-file'}")
+        if self.init_from and self.model in CLASSICAL_MODELS:
+            raise UserError(f"--init-from fine-tunes a network; --model {self.model} is a classical classifier "
+                            "(use --features run:RUN for a SupCon run's frozen features)")
         if self.batch_size < 2:
             raise UserError(
                 f"--batch-size must be at least 2 (BatchNorm needs 2 images per batch), got {self.batch_size}")

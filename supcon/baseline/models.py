@@ -96,10 +96,16 @@ def make_model_config(model: str, num_classes: int, loss: str = "ce", head: str 
     }
 
 
-def describe_model(model_config: dict[str, Any], pretrained: bool = False, freeze: int = 0) -> str:
-    """E.g. ``"resnet18 (baseline, mlp head)"``; the network column of the comparison tables."""
+def describe_model(model_config: dict[str, Any], pretrained: bool = False, freeze: int = 0,
+                   started_from: str | None = None) -> str:
+    """E.g. ``"resnet18 (baseline, mlp head)"``; the network column of the comparison tables.
+
+    ``started_from``: where the backbone's weights came from, when not ImageNet or random (e.g. a SupCon run).
+    """
     extras = [f"{model_config['head']} head"]
-    if pretrained:
+    if started_from:
+        extras.append(started_from)
+    elif pretrained:
         extras.append("pretrained")
     if freeze:
         extras.append(f"{freeze} blocks frozen")

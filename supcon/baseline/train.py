@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 
 from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig
 from supcon.baseline.data import AugmentedDataset, stratified_split, train_transform
+from supcon.baseline.init_from import InitSource, resolve_init_source
 from supcon.baseline.losses import ClassifierLoss, logits_to_probabilities
 from supcon.baseline.models import build_classifier, check_input_size, describe_model, freeze_blocks, make_model_config
 from supcon.checkpoint import rng_state, set_rng_state
@@ -335,8 +336,9 @@ class BaselineTrainer:
     """
 
     def __init__(self, engine: RunEngine, config: BaselineConfig, data: PreparedData, model_config: dict[str, Any],
-                 fresh: bool):
+                 fresh: bool, init: InitSource | None = None, init_record: dict[str, Any] | None = None):
         self.engine, self.config, self.data, self.model_config = engine, config, data, model_config
+        self.init_record = init.record() if init is not None else init_record
         self.accelerator = engine.accelerator
         self.global_batch = config.batch_size * engine.world
         self.steps_per_epoch = len(data.train_samples) // self.global_batch
@@ -344,6 +346,12 @@ class BaselineTrainer:
         set_seed(config.seed)
         model = build_classifier(model_config, pretrained=config.pretrained and fresh,
                             pretrained_file=config.pretrained_file if fresh else None)
+        if init is not None and fresh:
+            try:
+                model.backbone.load_state_dict(init.encoder, strict=True)
+            except RuntimeError as exc:
+                raise UserError(f"--init-from {init.path}: its encoder does not fit --model {config.model} "
+                                f"({str(exc).splitlines()[0]})") from None
         check_input_size(model, config.size)
         self.frozen = freeze_blocks(model, config.freeze)
         if self.frozen:
@@ -355,8 +363,12 @@ class BaselineTrainer:
         self.loss_fn = ClassifierLoss(config.loss, config.aux_weight)
         self.stopper = EarlyStopping(config.patience, "min" if config.monitor == "val_loss" else "max")
         self.best_metrics: dict[str, float | None] = {}
+        started_from = None
+        if self.init_record:
+            started_from = (f"fine-tuned from SupCon {Path(self.init_record['run']).name} "
+                            f"epoch {self.init_record['backbone_epoch']}")
         self.description = describe_model(model_config, config.pretrained or bool(config.pretrained_file),
-                                          config.freeze)
+                                          config.freeze, started_from)
         self.lr = config.learning_rate
 
     def load(self, state: dict[str, Any]) -> int:
@@ -382,7 +394,8 @@ class BaselineTrainer:
             steps_per_epoch=self.steps_per_epoch, bad_images_skipped=data.bad_images, device=self.engine.device_name,
             description=self.description, val_split=data.val_split, test_folder=data.test_folder,
             mean=list(config.mean), std=list(config.std), size=config.size, frozen_blocks=self.frozen,
-            num_train_images=len(data.train_samples), num_val_images=len(data.val_samples))
+            num_train_images=len(data.train_samples), num_val_images=len(data.val_samples),
+            init_from=self.init_record)
 
     def make_loaders(self) -> None:
         config, pin = self.config, self.engine.on_gpu
@@ -508,6 +521,11 @@ def _train(engine: RunEngine, config: BaselineConfig, recorded: RecordedRun | No
     make_model_config(config.model, 2, "ce", config.head, config.head_hidden, config.small_input)  # name, head
     if config.pretrained_file and resume_state is None and not Path(config.pretrained_file).is_file():
         raise UserError(f"--pretrained-file not found: {config.pretrained_file}")
+    init = None
+    if config.init_from and resume_state is None:
+        init = resolve_init_source(config.init_from, config.model, config.small_input, config.size)
+        if config.mean is None and init.mean is not None:  # the inputs the encoder was trained on
+            config = replace(config, mean=list(init.mean), std=list(init.std))
     data = data or prepare_data(config, engine)
     if config.mean is None:
         config = replace(config, mean=data.mean, std=data.std)
@@ -522,7 +540,8 @@ def _train(engine: RunEngine, config: BaselineConfig, recorded: RecordedRun | No
     config = replace(config, head=model_config["head"], head_hidden=model_config["head_hidden"])
     engine.check_data(image_listing(data.train_samples, data.data_folder), recorded, config.allow_data_change,
                       int(resume_state["epoch"]) if resume_state is not None else 0)
-    trainer = BaselineTrainer(engine, config, data, model_config, fresh=resume_state is None)
+    trainer = BaselineTrainer(engine, config, data, model_config, fresh=resume_state is None, init=init,
+                              init_record=recorded.run_info.get("init_from") if recorded is not None else None)
     start_epoch = trainer.load(resume_state) if resume_state is not None else 0
     if start_epoch:
         logger.info("resuming %s at epoch %d (%d of %d epochs done)", run_dir, start_epoch + 1, start_epoch,
