@@ -56,7 +56,7 @@ def test_flat_regions_are_never_cut():
     tiles = np.arange(8)  # 2 rows x 4 columns of 48-px tiles; columns 0-1 are flat
     boxes = [draw_box(image, tiles, n, 48, rng) for n in range(40)]
     assert all(left >= 96 for _, left, _ in boxes)
-    assert all(image[t:t + s, l:l + s].std() >= MIN_STD for t, l, s in boxes)
+    assert all(image[top:top + s, left:left + s].std() >= MIN_STD for top, left, s in boxes)
     with pytest.raises(UserError, match="too flat"):
         draw_box(np.full((96, 96), 7.0), np.arange(4), 0, 48, rng)
 
