@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from linear_probe.checkpoints import assert_encoder_unchanged, build_frozen_encoder, check_checkpoint
-from linear_probe.compare import EXPLANATION, PairedResult, compare_to_best
+from linear_probe.compare import EXPLANATION, PairedResult, Verdict, compare_to_best, verdict
 from linear_probe.config import CheckConfig, resolve_device
 from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
 from linear_probe.heads import FINAL_STATE_DICT, HEADS_DIR, HeadRecord, load_head_records, load_head_state
@@ -77,6 +77,8 @@ class RunEvaluation:
     versus_best: PairedResult | None = None
     comparison: str = "-"  # the "vs best" cell when there is no paired result: "best", "other test images", "-"
     chosen: str = ""  # which model was tested, for the plots' titles
+    supcon_based: bool = False  # a SupCon run's probe, or a baseline fine-tuned from a SupCon encoder
+    verdict: Verdict | None = None
 
     def to_json(self) -> dict[str, Any]:
         metrics = self.metrics.to_dict()
@@ -84,7 +86,9 @@ class RunEvaluation:
         paired = None if self.versus_best is None else self.versus_best.to_dict()
         return {"run": str(self.run_dir), "kind": self.kind, "network": self.network, "batch_size": self.batch_size,
                 "test_folder": self.test_folder, "selection": self.selection, "metrics": metrics,
-                "versus_best": paired}
+                "versus_best": paired, "verdict": None if self.verdict is None else self.verdict.to_dict(),
+                "labels": None if self.labels is None else [int(v) for v in self.labels],
+                "predictions": None if self.predictions is None else [int(v) for v in self.predictions]}
 
     def table_row(self) -> dict[str, Any]:
         m = self.metrics
@@ -202,13 +206,18 @@ def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult
     ]
 
     _compare_runs(evaluations, config)
+    verdicts = _verdicts(evaluations)
     for evaluation in evaluations:
         _write_run_outputs(evaluation)
     output = Path(config.output or config.runs_root)
     csv_rows, markdown = comparison_rows([e.table_row() for e in evaluations])
     if len(evaluations) > 1:
         markdown += f"\n{EXPLANATION}\n"
-    notes = [f"- {e.run_dir.name}: {e.selection['note']}" for e in evaluations if e.selection.get("note")]
+    if verdicts:
+        markdown += "\nSupCon against supervised training, on each test folder:\n" + "\n".join(
+            f"- {v.sentence()}" for v in verdicts) + "\n"
+    notes = [f"- {e.run_dir.name}: {e.selection['note']}" + _advice_sentence(e.selection.get("advice"))
+             for e in evaluations if e.selection.get("note")]
     if notes:
         markdown += "\nSelection on val:\n" + "\n".join(notes) + "\n"
     files = {"csv": output / COMPARISON_CSV, "markdown": output / COMPARISON_MD}
@@ -240,6 +249,27 @@ def _compare_runs(evaluations: list[RunEvaluation], config: CheckConfig) -> None
         evaluation.versus_best = compare_to_best(
             evaluation.labels, evaluation.predictions, best.predictions, len(evaluation.metrics.class_names),
             config.average, config.bootstrap, config.bootstrap_seed)
+
+
+def _advice_sentence(advice: str | None) -> str:
+    return f" {advice[0].upper()}{advice[1:]}." if advice else ""
+
+
+def _verdicts(evaluations: list[RunEvaluation]) -> list[Verdict]:
+    """Each SupCon-based run against the most accurate other run on the same test images (set on the run too)."""
+    verdicts = []
+    for evaluation in evaluations:
+        if not evaluation.supcon_based or evaluation.labels is None:
+            continue
+        rivals = [e for e in evaluations if not e.supcon_based and e.labels is not None
+                  and e.test_folder == evaluation.test_folder and np.array_equal(e.labels, evaluation.labels)]
+        if not rivals:
+            continue
+        rival = max(rivals, key=lambda e: e.metrics.accuracy)
+        evaluation.verdict = verdict(evaluation.run_dir.name, evaluation.labels, evaluation.predictions,
+                                     rival.run_dir.name, rival.predictions)
+        verdicts.append(evaluation.verdict)
+    return verdicts
 
 
 def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.device,
@@ -278,7 +308,8 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     return RunEvaluation(run.run_dir, run.kind, f"SupCon {model}", run.global_batch, best.backbone_epoch,
                          chosen.head_epoch, best.checkpoint, chosen.val_accuracy, plan.test_index.root,
                          metrics, _selection_summary(chosen), labels.numpy(), probabilities.argmax(axis=1),
-                         chosen=f"{best.checkpoint}, {head_kind} head (epoch {chosen.head_epoch}), {chosen.rule}")
+                         chosen=f"{best.checkpoint}, {head_kind} head (epoch {chosen.head_epoch}), {chosen.rule}",
+                         supcon_based=True)
 
 
 def _selection_summary(chosen: Selection) -> dict[str, Any]:
@@ -295,7 +326,7 @@ def _selection_summary(chosen: Selection) -> dict[str, Any]:
         "head_file": str(best.path), "settings": best.settings, "candidates": chosen.candidates,
         "rule": chosen.rule, "rule_text": RULE_TEXT[chosen.rule], "scores": chosen.scores,
         "within_noise": [r.checkpoint for r in chosen.within_noise], "noise_band": chosen.band,
-        "note": chosen.note(),
+        "note": chosen.note(), "advice": chosen.advice(),
     }
 
 
@@ -319,7 +350,7 @@ def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
     return RunEvaluation(run.run_dir, run.kind, str(out["network"]), batch_size, epoch, None, None,
                          float(out["val_accuracy"]), str(out["test_folder"]), metrics, selection,
                          np.asarray(out["labels"]).astype(int), np.asarray(out["probabilities"]).argmax(axis=1),
-                         chosen=chosen)
+                         chosen=chosen, supcon_based=bool(run.run_info.get("init_from")))
 
 
 def _write_run_outputs(evaluation: RunEvaluation) -> None:

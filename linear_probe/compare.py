@@ -94,3 +94,42 @@ def compare_to_best(labels: np.ndarray, predictions: np.ndarray, best_prediction
     difference = (paired_f1_difference(labels, predictions, best_predictions, num_classes, average, resamples, seed)
                   if resamples > 0 else None)
     return PairedResult(only_this, only_best, p_value, difference)
+
+
+@dataclass
+class Verdict:
+    """A SupCon-based run against the best supervised run on the same test images (McNemar's exact test)."""
+
+    run: str
+    rival: str
+    accuracy: float
+    rival_accuracy: float
+    only_this: int
+    only_rival: int
+    p_value: float
+
+    @property
+    def outcome(self) -> str:
+        """``beats``, ``loses to`` or ``ties with`` (the difference is within this test set's noise)."""
+        if self.p_value >= ALPHA:
+            return "ties with"
+        return "beats" if self.only_this > self.only_rival else "loses to"
+
+    def sentence(self) -> str:
+        tie = " (within noise)" if self.outcome == "ties with" else ""
+        return (f"{self.run} ({100 * self.accuracy:.2f}%) {self.outcome} the best supervised run {self.rival} "
+                f"({100 * self.rival_accuracy:.2f}%){tie}: McNemar p={self.p_value:.3g}, {self.only_this} test images "
+                f"only it gets right, {self.only_rival} only {self.rival}.")
+
+    def to_dict(self) -> dict:
+        return {"run": self.run, "rival": self.rival, "outcome": self.outcome, "accuracy": self.accuracy,
+                "rival_accuracy": self.rival_accuracy, "only_this_correct": self.only_this,
+                "only_rival_correct": self.only_rival, "mcnemar_exact_p": self.p_value}
+
+
+def verdict(run: str, labels: np.ndarray, predictions: np.ndarray, rival: str,
+            rival_predictions: np.ndarray) -> Verdict:
+    """``run`` against ``rival`` on the same labelled test images."""
+    only_this, only_rival, p_value = mcnemar_exact(predictions == labels, rival_predictions == labels)
+    return Verdict(run, rival, float(np.mean(predictions == labels)), float(np.mean(rival_predictions == labels)),
+                   only_this, only_rival, p_value)

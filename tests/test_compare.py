@@ -49,3 +49,20 @@ def test_identical_predictions_are_the_same():
     labels = np.array([0, 1, 1, 0, 1])
     result = compare_to_best(labels, labels, labels, 2, "macro", 100, 0)
     assert not result.distinguishable and result.f1_difference == [0.0, 0.0] and result.p_value == 1.0
+
+
+def test_verdict_says_beats_ties_or_loses_by_the_paired_test():
+    from linear_probe.compare import verdict
+
+    labels = np.zeros(100, dtype=int)
+    rival = np.zeros(100, dtype=int)
+    rival[:20] = 1  # the rival gets 80 right
+    better = np.zeros(100, dtype=int)  # all 100 right: 20 only it gets right, none the other way
+    result = verdict("supcon", labels, better, "ce", rival)
+    assert (result.outcome, result.only_this, result.only_rival) == ("beats", 20, 0)
+    assert result.p_value < 1e-5 and "supcon (100.00%) beats the best supervised run ce (80.00%)" in result.sentence()
+    assert verdict("supcon", labels, rival, "ce", better).outcome == "loses to"
+    close = rival.copy()
+    close[:2] = 0  # two more right than the rival: not beyond noise
+    tie = verdict("supcon", labels, close, "ce", rival)
+    assert tie.outcome == "ties with" and "(within noise)" in tie.sentence() and tie.p_value == pytest.approx(0.5)

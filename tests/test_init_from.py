@@ -50,10 +50,19 @@ def test_fine_tune_starts_from_the_selected_supcon_encoder(supcon_run, image_roo
     assert info["init_from"]["backbone_epoch"] == selection["backbone_epoch"]
     assert f"fine-tuned from SupCon {supcon_run.name} epoch {selection['backbone_epoch']}" in info["description"]
 
-    table = invoke(check_accuracies_main, ["--run", run_dir, "--output", tmp_path, "--bootstrap", "0", "--quiet",
-                                           "--num-workers", "0"])
+    scratch = tmp_path / "scratch"
+    assert invoke(baseline_main, ["--data-folder", image_root / "train", "--run-dir", scratch, *FT_ARGS]).exit_code == 0
+    table = invoke(check_accuracies_main, ["--run", supcon_run, "--run", run_dir, "--run", scratch, "--output",
+                                           tmp_path, "--bootstrap", "0", "--quiet", "--num-workers", "0"])
     assert table.exit_code == 0, table.output
     assert f"fine-tuned from SupCon {supcon_run.name} epoch {selection['backbone_epoch']}" in table.stdout
+    # one verdict per SupCon-based run, against the supervised run from scratch
+    verdicts = [line for line in table.stdout.splitlines() if "the best supervised run scratch" in line]
+    assert len(verdicts) == 2 and {line.split(" (")[0] for line in verdicts} == {"- tiny_run", "- ft"}
+    assert all(any(w in line for w in ("beats", "ties with", "loses to")) and "McNemar p=" in line
+               for line in verdicts)
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["verdict"]["rival"] == "scratch" and len(metrics["predictions"]) == len(metrics["labels"]) == 18
 
 
 def test_a_named_checkpoint_is_used_as_named(supcon_run, image_root, tmp_path):
