@@ -22,7 +22,8 @@ MARKER = "digits_export.json"
 
 
 def export_digits(root: str | os.PathLike, size: int = 32, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                  seed: int = 0, classes: list[int] | None = None, one_vs_rest: int | None = None) -> Path:
+                  seed: int = 0, classes: list[int] | None = None, one_vs_rest: int | None = None,
+                  train_per_class: int | None = None) -> Path:
     """Write the digits as ``root/{train,val,test}/<class>/<index>.png``; returns ``root``.
 
     Args:
@@ -33,6 +34,8 @@ def export_digits(root: str | os.PathLike, size: int = 32, val_fraction: float =
         seed: split seed.
         classes: keep only these digits (e.g. ``[3, 8]`` for a binary task); default all ten.
         one_vs_rest: make a binary, imbalanced task: class ``<digit>`` against class ``other``.
+        train_per_class: keep at most this many training images of each digit (a smaller training set; val
+            and test stay as split).
 
     Raises:
         UserError: ``root`` exists, is not empty and is not such an export.
@@ -43,6 +46,8 @@ def export_digits(root: str | os.PathLike, size: int = 32, val_fraction: float =
     root = Path(root)
     settings = {"size": size, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
                 "classes": sorted(classes) if classes else list(range(10)), "one_vs_rest": one_vs_rest}
+    if train_per_class is not None:  # recorded only when used, so earlier exports are still recognised
+        settings["train_per_class"] = train_per_class
     marker = root / MARKER
     if marker.is_file():
         if json.loads(marker.read_text()) == settings:
@@ -63,6 +68,9 @@ def export_digits(root: str | os.PathLike, size: int = 32, val_fraction: float =
                                            random_state=seed)
     val_idx, test_idx = train_test_split(rest_idx, test_size=test_fraction / (val_fraction + test_fraction),
                                          stratify=labels[rest_idx], random_state=seed)
+    if train_per_class is not None:
+        train_idx = np.concatenate([train_idx[digits.target[keep][train_idx] == digit][:train_per_class]
+                                    for digit in settings["classes"]])
     for split, split_idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
         for i in split_idx:
             folder = root / split / names[int(labels[i])]

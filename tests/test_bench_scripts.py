@@ -107,3 +107,31 @@ def test_the_reference_loop_computes_the_same_loss_as_the_project():
     # supcon.losses computes in float32
     assert bench.reference_supcon_loss(features, labels, temperature=0.1).item() == pytest.approx(expected.item(),
                                                                                           rel=1e-6)
+
+
+def test_bench_quality_runs_the_whole_comparison_and_writes_its_table(tmp_path):
+    """One image set, one seed, three epochs of a tiny net: every stage runs and the summary holds each row."""
+    bench = load_script("bench_quality")
+    report = bench.main(["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--datasets",
+                         "textures", "--seeds", "0", "--epochs", "3", "--model", "test_resnet", "--small-input",
+                         "--size", "16", "--per-class", "12,6,6", "--batch-size", "8", "--jobs", "1",
+                         "--pixel-size", "8"])
+    table = report["summary"]["textures"]["table"]
+    assert set(table) == {"supcon", "supcon_finetune", "ce_scratch", "svm", "logreg", "knn"}
+    assert all(0 <= row["median"] <= 1 and len(row["per_seed"]) == 1 for row in table.values())
+    verdicts = report["summary"]["textures"]["verdicts"]
+    assert {v["outcome"] for v in verdicts.values()} <= {"beats", "ties with", "loses to"}
+    cell = report["cells"][0]
+    assert len(cell["test"]["supcon"]["correct"]) == 24  # 6 test images x 4 classes
+    assert set(cell["rules"]) == {"trend", "within-noise", "max-val-acc"}
+    written = sorted((tmp_path / "out").glob("quality_*.json"))
+    assert len(written) == 1 and written[0].with_suffix(".md").read_text().count("### textures") == 1
+    assert "SupCon + linear probe" in written[0].with_suffix(".md").read_text()
+    # the tuning mode reads no test folder: the test folder can even be gone
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / "data" / "textures" / "test")
+    val = bench.main(["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--datasets", "textures",
+                      "--seeds", "0", "--epochs", "3", "--model", "test_resnet", "--small-input", "--size", "16",
+                      "--per-class", "12,6,6", "--batch-size", "8", "--jobs", "1", "--val-only", "--no-finetune"])
+    assert set(val["cells"][0]["val_accuracy"]) == {"supcon", "ce_scratch"} and "test" not in val["cells"][0]
