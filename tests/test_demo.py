@@ -37,6 +37,20 @@ def test_digits_export_is_a_stratified_rgb_image_folder(tmp_path):
     assert len(names) == len(set(names))
 
 
+def test_a_smaller_training_set_keeps_val_and_test_as_split(tmp_path):
+    full = export_digits(tmp_path / "full", size=8)
+    small = export_digits(tmp_path / "small", size=8, train_per_class=7)
+
+    def files(root, split):
+        return sorted(str(p.relative_to(root / split)) for p in (root / split).rglob("*.png"))
+
+    assert all(len(list((small / "train" / str(d)).iterdir())) == 7 for d in range(10))
+    assert set(files(small, "train")) < set(files(full, "train"))  # a subset of the same split
+    assert files(small, "val") == files(full, "val") and files(small, "test") == files(full, "test")
+    assert json.loads((small / MARKER).read_text())["train_per_class"] == 7
+    assert "train_per_class" not in json.loads((full / MARKER).read_text())  # older exports still match
+
+
 def test_digits_export_is_reused_or_refused(tmp_path):
     root = export_digits(tmp_path / "digits", size=16, one_vs_rest=3)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
