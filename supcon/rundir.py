@@ -14,8 +14,10 @@ Layout::
     RUN/.lock                  held by the training (or probe-all, in probe/) process while it runs
     RUN/*.corrupt-<time>       a checkpoint that did not load, set aside by --resume (never deleted)
     RUN/tensorboard/           TensorBoard events, one point per finished epoch at step N
-    RUN/probe/                 written by probe-all (features cache in probe/cache/)
-    RUN/test_metrics.json      written by check-accuracies
+    RUN/probe/                 written by probe-all (head files in probe/heads/, features cache in probe/cache/)
+    RUN/test_metrics.json      written by check-accuracies; its ``selection.checkpoint`` (with
+                               ``checkpoint_sha256``) is the checkpoint chosen on val, which
+                               ``baseline-train --features run:RUN`` takes its features from
 
 Epochs: the N-th epoch (1-based) is "epoch N" in messages, in the CSV, in ``ckpt_epoch_N.pth`` and
 as the TensorBoard step; a checkpoint's ``epoch`` entry counts the epochs it has finished, so
@@ -56,7 +58,10 @@ LAST = "last.pth"
 BEST = "best.pth"
 TENSORBOARD_DIR = "tensorboard"
 PROBE_DIR = "probe"
+#: probe-all's head files, one per (checkpoint, probe settings), in ``RUN/probe/``.
+HEADS_DIR = "heads"
 CACHE_DIR = "cache"
+TEST_METRICS_FILE = "test_metrics.json"
 #: The sorted relative paths of the training images (the sampler draws images by their index in it).
 DATA_LISTING = "train_images.txt"
 RUN_INFO_KEY = "run_info"
