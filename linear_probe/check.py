@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from linear_probe.checkpoints import assert_encoder_unchanged, build_frozen_encoder, check_checkpoint
+from linear_probe.checkpoints import assert_encoder_unchanged, check_checkpoint
 from linear_probe.compare import EXPLANATION, PairedResult, Verdict, compare_to_best, verdict
-from linear_probe.config import CheckConfig, resolve_device
+from linear_probe.config import CheckConfig
 from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
 from linear_probe.heads import FINAL_STATE_DICT, HEADS_DIR, HeadRecord, load_head_records, load_head_state
 from linear_probe.probe import make_head
@@ -42,15 +42,16 @@ from linear_probe.report import (
 )
 from linear_probe.runs import BASELINE_KIND, PROBE_DIR, RunInfo, resolve_folder, scan_checked
 from linear_probe.select import RULE_TEXT, Selection, select, settled_val_accuracy
-from supcon.checkpoint import atomic_write_text, load_checkpoint
+from supcon.checkpoint import atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
+from supcon.frozen import build_frozen_encoder, resolve_device
 from supcon.metrics import TestMetrics, classification_metrics, wilson_interval
-from supcon.rundir import find_runs
+from supcon.rundir import TEST_METRICS_FILE, find_runs, load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)
 
-METRICS_JSON = "test_metrics.json"
+METRICS_JSON = TEST_METRICS_FILE
 CONFUSION_PNG = "confusion_matrix.png"
 ROC_PNG = "roc_curve.png"
 COMPARISON_CSV = "comparison.csv"
@@ -276,7 +277,7 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
                      progress: bool) -> RunEvaluation:
     run, best, chosen = plan.run, plan.best, plan.selection
     path = run.run_dir / best.checkpoint
-    state = load_checkpoint(path)
+    state = load_supcon_checkpoint(path)
     if not best.checkpoint_stamp.matches(path):
         raise UserError(f"{path} changed while being evaluated; re-run probe-all --run {run.run_dir}")
     class_names = run.class_names or best.class_names

@@ -1,4 +1,7 @@
-"""Which checkpoints of a run to probe, their content hashes, and the frozen encoder they rebuild.
+"""Which checkpoints of a run to probe, and whether a checkpoint fits its run.
+
+Content hashes (``FileStamp``) are :mod:`supcon.checkpoint`'s; the frozen encoder a checkpoint rebuilds is
+:func:`supcon.frozen.build_frozen_encoder`.
 
 Every file is read with ``torch.load(weights_only=True)`` (``supcon.rundir.load_supcon_checkpoint``):
 a file that would need arbitrary unpickling is refused and nothing in it runs.
@@ -6,7 +9,6 @@ a file that would need arbitrary unpickling is refused and nothing in it runs.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -16,54 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from supcon.checkpoint import file_sha256
 from supcon.errors import UserError
-from supcon.models import build_encoder
 from supcon.rundir import LAST, epoch_checkpoints, load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)
-
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (remembered per path, size and modification time in this process)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _SHA_MEMO[key] = digest.hexdigest()
-    return _SHA_MEMO[key]
-
-
-@dataclass(frozen=True)
-class FileStamp:
-    """A file's identity: content hash, plus size and mtime for a quick "unchanged" check."""
-
-    sha256: str
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: str | os.PathLike) -> FileStamp:
-        stat = Path(path).stat()
-        return cls(file_sha256(path), stat.st_size, stat.st_mtime_ns)
-
-    def matches(self, path: str | os.PathLike) -> bool:
-        """True when ``path`` still holds this content (same size and mtime, or else same hash)."""
-        path = Path(path)
-        if not path.is_file():
-            return False
-        stat = path.stat()
-        if stat.st_size != self.size:
-            return False
-        return stat.st_mtime_ns == self.mtime_ns or file_sha256(path) == self.sha256
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}
 
 
 @dataclass(frozen=True)
@@ -150,42 +109,6 @@ def check_checkpoint(state: dict[str, Any], path: str | os.PathLike, model_confi
     own_classes = list(state.get("class_names") or [])
     if class_names and own_classes and own_classes != class_names:
         raise UserError(f"checkpoint {path} was trained on classes {own_classes}, the run records {class_names}")
-
-
-def build_frozen_encoder(state: dict[str, Any], path: str | os.PathLike) -> nn.Module:
-    """Rebuild the checkpoint's encoder (projection head dropped), frozen and in ``eval()``.
-
-    Like MoCo-v3's linear evaluation, the load asserts exactly which keys were missing: none,
-    since the encoder has no classifier (``num_classes=0``).
-
-    Raises:
-        UserError: the weights do not fit the recorded architecture (names the first keys or shapes).
-    """
-    model_config = state.get("model_config") or {}
-    if "model" not in model_config or "encoder" not in state:
-        raise UserError(f"checkpoint {path} has no model_config/encoder entry; it was not written by supcon-train")
-    encoder = build_encoder(model_config["model"], small_input=bool(model_config.get("small_input", False)),
-                            zero_init_last=bool(model_config.get("zero_init_last", False)))
-    weights = state["encoder"]
-    own = encoder.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {path} does not fit a {model_config['model']} encoder: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
-        )
-    wrong = [k for k in own if tuple(own[k].shape) != tuple(weights[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise UserError(
-            f"checkpoint {path} does not fit a {model_config['model']} encoder: {k} has shape "
-            f"{tuple(weights[k].shape)}, the model expects {tuple(own[k].shape)} ({len(wrong)} tensors differ)"
-        )
-    result = encoder.load_state_dict(weights, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    encoder.requires_grad_(False)
-    return encoder.eval()
 
 
 def assert_encoder_unchanged(encoder: nn.Module, reference: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

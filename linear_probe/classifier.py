@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from linear_probe.checkpoints import build_frozen_encoder, check_checkpoint, find_checkpoints
+from linear_probe.checkpoints import check_checkpoint, find_checkpoints
 from linear_probe.heads import HeadRecord, load_head_records, load_head_state
 from linear_probe.probe import make_head
 from linear_probe.runs import BASELINE_KIND, RunInfo, resolve_folder
 from linear_probe.select import select_best
 from supcon.baseline.losses import logits_to_probabilities
 from supcon.errors import UserError
+from supcon.frozen import build_frozen_encoder
 from supcon.rundir import LAST, load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)

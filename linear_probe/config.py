@@ -143,11 +143,3 @@ def validate_device(device: str) -> None:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is available")
 
-
-def resolve_device(device: str):
-    """``auto``: the GPU when there is one, else the CPU."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -241,8 +241,3 @@ def timm_loading_call(config: dict[str, Any], out_dir: str | os.PathLike) -> str
             f"timm.create_model({name!r}, num_classes={classes}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file={str(out_dir / CLASSIFIER_DIR / WEIGHTS)!r}, num_classes={classes}))")
 
-
-if __name__ == "__main__":  # python -m linear_probe.export (same as supcon-export)
-    from linear_probe.use_cli import export_main
-
-    export_main()

@@ -28,8 +28,9 @@ from torch.utils.data import Sampler
 from torchvision import transforms
 
 from supcon.checkpoint import atomic_save, safe_load
-from supcon.data import EvalDataset, ImageFolderIndex, MultiViewDataset, eval_transform, make_loader
+from supcon.data import ImageFolderIndex, MultiViewDataset, eval_transform, make_loader
 from supcon.errors import UserError
+from supcon.frozen import encode_samples
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +74,6 @@ def linear_eval_augmentation(size: int, mean: Sequence[float], std: Sequence[flo
         transforms.ToTensor(),
         transforms.Normalize(mean=list(mean), std=list(std)),
     ])
-
-
-@torch.no_grad()
-def encode_samples(encoder: nn.Module, samples: Sequence[tuple[str, int]], transform, device: torch.device,
-                   batch_size: int = 256, num_workers: int = 0, progress: bool = False,
-                   desc: str = "encoding") -> tuple[torch.Tensor, torch.Tensor]:
-    """Features ``[N, D]`` (float32, CPU) and labels ``[N]`` of ``samples`` through the frozen encoder."""
-    from tqdm.auto import tqdm
-
-    encoder.eval()
-    loader = make_loader(EvalDataset(samples, transform), num_workers, device.type == "cuda",
-                         batch_size=batch_size, shuffle=False)
-    features, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        features.append(encoder(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(targets)
-    return torch.cat(features), torch.cat(labels).long()
 
 
 class FeatureCache:

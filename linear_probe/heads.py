@@ -16,15 +16,14 @@ from typing import Any
 
 import torch
 
-from linear_probe.checkpoints import FileStamp
-from supcon.checkpoint import atomic_save, safe_load
+from supcon.checkpoint import FileStamp, atomic_save, safe_load
 from supcon.errors import UserError
+from supcon.rundir import HEADS_DIR
 
 logger = logging.getLogger(__name__)
 
 HEAD_FORMAT = "linear-probe-head"
 HEAD_VERSION = 1
-HEADS_DIR = "heads"
 #: The head file's key of the head at the last head epoch (files written before it existed lack it).
 FINAL_STATE_DICT = "final_state_dict"
 

@@ -23,10 +23,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from linear_probe.classifier import RunClassifier, load_run_classifier
-from linear_probe.config import resolve_device
 from supcon.checkpoint import atomic_write_text
 from supcon.data import IMG_EXTENSIONS, eval_transform, load_rgb, make_loader
 from supcon.errors import UserError
+from supcon.frozen import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,3 @@ def write_predictions(predictions: Predictions, out: str | os.PathLike) -> Path:
     atomic_write_text(predictions.to_csv(), out)
     return out
 
-
-if __name__ == "__main__":  # python -m linear_probe.predict (same as the predict command)
-    from linear_probe.use_cli import predict_main
-
-    predict_main()

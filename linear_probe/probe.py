@@ -58,7 +58,7 @@ class HeadSettings:
         L-BFGS: only what the fit depends on (solver, C grid, iterations); batch, LR, epochs do not apply.
         """
         if self.head_solver == "lbfgs":
-            from linear_probe.lbfgs import C_GRID, MAX_ITER
+            from supcon.logistic import C_GRID, MAX_ITER
 
             return {"head_solver": "lbfgs", "c_grid": list(C_GRID), "max_iter": MAX_ITER, "augment": False}
         settings = asdict(self)

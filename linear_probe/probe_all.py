@@ -28,14 +28,12 @@ import torch
 
 from linear_probe.checkpoints import (
     CheckpointRef,
-    FileStamp,
     assert_encoder_unchanged,
-    build_frozen_encoder,
     check_checkpoint,
     find_checkpoints,
     format_backbone_epoch,
 )
-from linear_probe.config import AUTO, ProbeConfig, resolve_device
+from linear_probe.config import AUTO, ProbeConfig
 from linear_probe.features import (
     FeatureCache,
     augmented_batches,
@@ -57,9 +55,10 @@ from linear_probe.probe import HeadSettings, settings_key, train_linear_head
 from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
 from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
 from linear_probe.select import Selection, select
-from supcon.checkpoint import CorruptCheckpoint, atomic_write_text
+from supcon.checkpoint import CorruptCheckpoint, FileStamp, atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
+from supcon.frozen import build_frozen_encoder, resolve_device
 from supcon.rundir import SELECTION_FILE, load_supcon_checkpoint
 from supcon.runlock import RunLock
 

@@ -1,7 +1,9 @@
 """Commands that use a run's selected model: ``supcon-export``, ``predict`` and ``supcon-report``.
 
 Thin click shells over :mod:`linear_probe.export`, :mod:`linear_probe.predict` and
-:mod:`linear_probe.run_report`.
+:mod:`linear_probe.run_report`, which never import this module. ``python -m linear_probe.use_cli NAME ...``
+runs the command NAME (an install older than these console scripts has no ``supcon-export`` on its PATH);
+``python -m linear_probe.run_report`` is ``supcon-report`` too.
 """
 
 from __future__ import annotations
@@ -105,3 +107,14 @@ def report_command(runs: tuple[str, ...], verbose: bool, **options):
 export_main = export_command
 predict_main = predict_command
 report_main = report_command
+
+#: The commands by their console-script names, for ``python -m linear_probe.use_cli NAME``.
+COMMANDS = {"supcon-export": export_command, "predict": predict_command, "supcon-report": report_command}
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m linear_probe.use_cli {{{'|'.join(COMMANDS)}}} [OPTIONS]")
+    name = sys.argv.pop(1)
+    COMMANDS[name].main(prog_name=name)

@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import header, markdown_table, write_json  # noqa: E402  (also puts the repo on sys.path)
 
-from linear_probe.config import ProbeConfig, resolve_device  # noqa: E402
+from linear_probe.config import ProbeConfig  # noqa: E402
 from linear_probe.probe_all import probe_all  # noqa: E402
+from supcon.frozen import resolve_device  # noqa: E402
 from supcon.rundir import epoch_checkpoints  # noqa: E402
 
 logger = logging.getLogger("bench_probe")

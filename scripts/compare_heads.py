@@ -23,14 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import markdown_table  # noqa: E402  (also puts the repo on sys.path)
 
-from linear_probe.checkpoints import FileStamp, build_frozen_encoder, find_checkpoints  # noqa: E402
+from linear_probe.checkpoints import find_checkpoints  # noqa: E402
 from linear_probe.config import ProbeConfig  # noqa: E402
 from linear_probe.features import FeatureCache, cached_batches, cached_features, folder_fingerprint  # noqa: E402
-from linear_probe.lbfgs import linear_scores, train_lbfgs_head  # noqa: E402
+from linear_probe.lbfgs import train_lbfgs_head  # noqa: E402
 from linear_probe.plateau import choose_from_run  # noqa: E402
 from linear_probe.probe import HeadSettings, train_linear_head  # noqa: E402
 from linear_probe.runs import RunInfo, resolve_folder, scan_checked  # noqa: E402
-from supcon.checkpoint import load_checkpoint  # noqa: E402
+from supcon.checkpoint import FileStamp  # noqa: E402
+from supcon.frozen import build_frozen_encoder  # noqa: E402
+from supcon.logistic import linear_scores  # noqa: E402
+from supcon.rundir import load_supcon_checkpoint  # noqa: E402
 
 
 def accuracy(state_dict: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -66,7 +69,7 @@ def main() -> None:
     for ref in find_checkpoints(run.run_dir, 0):
         if ref.name == "last.pth":
             continue
-        state = load_checkpoint(ref.path)
+        state = load_supcon_checkpoint(ref.path)
         stamp = FileStamp.of(ref.path)
 
         def features(index, what, state=state, ref=ref, stamp=stamp):

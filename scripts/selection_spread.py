@@ -28,15 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from linear_probe.checkpoints import FileStamp, build_frozen_encoder, find_checkpoints  # noqa: E402
-from linear_probe.config import SELECTION_RULES, resolve_device  # noqa: E402
+from linear_probe.checkpoints import find_checkpoints  # noqa: E402
+from linear_probe.config import SELECTION_RULES  # noqa: E402
 from linear_probe.features import FeatureCache, cached_batches, cached_features, folder_fingerprint  # noqa: E402
 from linear_probe.heads import HeadRecord, load_head_records  # noqa: E402
 from linear_probe.plateau import choose_from_run  # noqa: E402
 from linear_probe.probe import HeadSettings, make_head, train_linear_head  # noqa: E402
 from linear_probe.runs import RunInfo, resolve_folder, scan_checked  # noqa: E402
 from linear_probe.select import select  # noqa: E402
-from supcon.checkpoint import load_checkpoint  # noqa: E402
+from supcon.checkpoint import FileStamp  # noqa: E402
+from supcon.frozen import build_frozen_encoder, resolve_device  # noqa: E402
+from supcon.rundir import load_supcon_checkpoint  # noqa: E402
 
 
 def checkpoint_features(run: RunInfo, cache_dir: Path, device: torch.device) -> list[dict]:
@@ -49,7 +51,7 @@ def checkpoint_features(run: RunInfo, cache_dir: Path, device: torch.device) -> 
     cache = FeatureCache(cache_dir)
     out = []
     for ref in find_checkpoints(run.run_dir, choose_from_run(run.run_dir).epoch):
-        state = load_checkpoint(ref.path)
+        state = load_supcon_checkpoint(ref.path)
         stamp = FileStamp.of(ref.path)
         encoder = None
 

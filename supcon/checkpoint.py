@@ -3,14 +3,21 @@
 Written like timm's CheckpointSaver: to a temporary file in the same folder, flushed to disk,
 then renamed over the target, so a crash mid-write leaves the previous file intact. Only tensors,
 numbers, strings, lists and dicts go in, so loading never unpickles arbitrary objects.
+A file's identity (:class:`FileStamp`, its content hash) says whether a checkpoint is still the one a
+result was computed from.
+
+The checkpoint schemas (what a supcon-train or baseline checkpoint holds) are :mod:`supcon.rundir`'s,
+which builds on this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,12 +140,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and sanity-check a supcon-train checkpoint (the schema is :mod:`supcon.rundir`'s).
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
-    Raises:
-        UserError: unsafe/corrupt file, or not a checkpoint written by supcon-train.
-    """
-    from supcon.rundir import load_supcon_checkpoint  # rundir builds on this module
 
-    return load_supcon_checkpoint(path)
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (remembered per path, size and modification time in this process)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _SHA_MEMO[key] = digest.hexdigest()
+    return _SHA_MEMO[key]
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """A file's identity: content hash, plus size and mtime for a quick "unchanged" check."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> FileStamp:
+        stat = Path(path).stat()
+        return cls(file_sha256(path), stat.st_size, stat.st_mtime_ns)
+
+    def matches(self, path: str | os.PathLike) -> bool:
+        """True when ``path`` still holds this content (same size and mtime, or else same hash)."""
+        path = Path(path)
+        if not path.is_file():
+            return False
+        stat = path.stat()
+        if stat.st_size != self.size:
+            return False
+        return stat.st_mtime_ns == self.mtime_ns or file_sha256(path) == self.sha256
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size, "mtime_ns": self.mtime_ns}

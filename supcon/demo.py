@@ -21,9 +21,8 @@ import click
 from supcon.cli_utils import OneLineErrorCommand, setup_logging
 from supcon.digits import export_digits
 
-#: Commands that also run as ``python -m MODULE`` (an install that predates their console scripts).
-_MODULES = {"supcon-export": "linear_probe.export", "predict": "linear_probe.predict",
-            "supcon-report": "linear_probe.run_report"}
+#: Commands that also run as ``python -m linear_probe.use_cli NAME`` (an install that predates their console scripts).
+_USE_COMMANDS = ("supcon-export", "predict", "supcon-report")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -33,8 +32,8 @@ def _command(name: str) -> list[str]:
     if local.exists():
         return [str(local)]
     found = shutil.which(name)
-    if not found and name in _MODULES:
-        return [sys.executable, "-m", _MODULES[name]]
+    if not found and name in _USE_COMMANDS:
+        return [sys.executable, "-m", "linear_probe.use_cli", name]
     if not found:
         raise click.ClickException(f"command {name!r} not found; install the package with pip install -e .")
     return [found]
@@ -46,7 +45,7 @@ def _run(step: str, args: list[str], threads: int) -> None:
     start = time.perf_counter()
     # CPU kernels split sums over threads, so the thread count changes the numbers (ResNet-18, one batch of
     # 32 at 32 px: outputs differ by up to 3e-7 and conv1 gradients by 7e-5 between 1 and 2 threads) and
-    # the differences compound over training: pin it so a fresh clone can reproduce the README
+    # the differences compound over training: pin it so a fresh clone can reproduce the README's table
     environment = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
     completed = subprocess.run(command, env=environment)
     if completed.returncode != 0:
@@ -89,7 +88,7 @@ def demo_command(workdir: str, epochs: int, model: str, batch_size: int, size: i
     ], threads)
     _run("2/8 linear probes on the checkpoints", [
         # 1,078 training images make the features separable after one head epoch; weight decay keeps
-        # the head from fitting them with huge weights (val 97-98% without, 99% with; see README)
+        # the head from fitting them with huge weights (val 97-98% without, 99% with; docs/benchmarks/demo.md)
         "probe-all", "--run", str(supcon_run), "--from", "auto", "--weight-decay", "1e-2",
         "--num-workers", str(num_workers), "--seed", str(seed),
     ], threads)

@@ -14,8 +14,10 @@ Layout::
     RUN/.lock                  held by the training (or probe-all, in probe/) process while it runs
     RUN/*.corrupt-<time>       a checkpoint that did not load, set aside by --resume (never deleted)
     RUN/tensorboard/           TensorBoard events, one point per finished epoch at step N
-    RUN/probe/                 written by probe-all (features cache in probe/cache/)
-    RUN/test_metrics.json      written by check-accuracies
+    RUN/probe/                 written by probe-all (head files in probe/heads/, features cache in probe/cache/)
+    RUN/test_metrics.json      written by check-accuracies; its ``selection.checkpoint`` (with
+                               ``checkpoint_sha256``) is the checkpoint chosen on val, which
+                               ``baseline-train --features run:RUN`` takes its features from
 
 Epochs: the N-th epoch (1-based) is "epoch N" in messages, in the CSV, in ``ckpt_epoch_N.pth`` and
 as the TensorBoard step; a checkpoint's ``epoch`` entry counts the epochs it has finished, so
@@ -57,10 +59,13 @@ LAST = "last.pth"
 BEST = "best.pth"
 TENSORBOARD_DIR = "tensorboard"
 PROBE_DIR = "probe"
+#: probe-all's head files, one per (checkpoint, probe settings), in ``RUN/probe/``.
+HEADS_DIR = "heads"
 CACHE_DIR = "cache"
 #: ``RUN/probe/selection.json``: the checkpoint the default selection rule takes, written by probe-all and
 #: read by later stages that start from "the selected checkpoint" (``baseline-train --init-from RUN``).
 SELECTION_FILE = "selection.json"
+TEST_METRICS_FILE = "test_metrics.json"
 #: The sorted relative paths of the training images (the sampler draws images by their index in it).
 DATA_LISTING = "train_images.txt"
 RUN_INFO_KEY = "run_info"
@@ -320,6 +325,30 @@ def read_selection(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(data, dict) or "checkpoint" not in data:
         raise UserError(f"{path} names no checkpoint; run probe-all --run {run_dir} again")
     return data
+
+
+def selected_checkpoint(run_dir: str | os.PathLike, option: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint probe-all selected on val (``probe/selection.json``), checked to be unchanged since.
+
+    Args:
+        run_dir: a probed supcon-train run.
+        option: how the caller names the run in messages (e.g. ``--init-from RUN``).
+
+    Raises:
+        UserError: never probed, or the selected checkpoint is gone or has changed since (names what to run).
+    """
+    from supcon.checkpoint import file_sha256
+
+    run_dir = Path(run_dir)
+    selection = read_selection(run_dir)
+    if selection is None:
+        raise UserError(f"{option}: no {PROBE_DIR}/{SELECTION_FILE} (the run was never probed); run probe-all --run "
+                        f"{run_dir} first, or name a checkpoint: {run_dir}/ckpt_epoch_N.pth")
+    path = run_dir / selection["checkpoint"]
+    if not path.is_file() or file_sha256(path) != selection.get("checkpoint_sha256"):
+        raise UserError(f"{option}: {path.name}, the checkpoint probe-all selected, is missing or has changed since; "
+                        f"run probe-all --run {run_dir} again, or name a checkpoint")
+    return path, selection
 
 
 def find_runs(root: str | os.PathLike = DEFAULT_RUNS_ROOT) -> list[Path]:

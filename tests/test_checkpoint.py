@@ -12,6 +12,7 @@ import torch
 from supcon import checkpoint
 from supcon.checkpoint import atomic_save, atomic_write_bytes, rng_state, safe_load, set_rng_state
 from supcon.errors import UserError
+from supcon.rundir import load_supcon_checkpoint
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_load_checkpoint_refuses_other_files(tmp_path):
     path = tmp_path / "plain.pth"
     torch.save({"weight": torch.zeros(2)}, path)
     with pytest.raises(UserError, match="not a supcon-train checkpoint"):
-        checkpoint.load_checkpoint(path)
+        load_supcon_checkpoint(path)
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):

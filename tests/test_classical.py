@@ -1,4 +1,4 @@
-"""Classical baselines (supcon/baseline/classical.py): predictions rebuilt from stored tensors equal
+"""Classical baselines (supcon/baseline/classical*.py): predictions rebuilt from stored tensors equal
 scikit-learn's, the ``baseline-train --model svm|logreg|knn`` run directory, check-accuracies on it,
 and every bad input."""
 
@@ -16,15 +16,14 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 
 from linear_probe.cli import check_accuracies_command
-from supcon.baseline.classical import (
+from supcon.baseline.classical import load_classical_checkpoint
+from supcon.baseline.classical_features import extract, extractor_from_state
+from supcon.baseline.classical_models import (
     SVM_C_GRID,
     SVM_GAMMA_FACTORS,
     classifier_probabilities,
-    extract,
-    extractor_from_state,
     fit_and_select,
     knn_probabilities,
-    load_classical_checkpoint,
     svm_scores,
 )
 from supcon.data import scan_image_folder
@@ -224,3 +223,37 @@ def test_bad_input_is_one_line_and_writes_nothing(args, fragments, image_root, t
     result = invoke([*args, "--data-folder", image_root / "train", "--run-dir", run_dir, *FAST])
     assert_one_line_error(result, *fragments)
     assert not run_dir.exists()
+
+
+def test_logreg_on_a_probed_run_uses_the_checkpoint_probe_all_selected(trained_run, image_root, tmp_path,
+                                                                        tmp_path_factory):
+    from supcon.checkpoint import file_sha256
+    from tests.probe_helpers import copy_run, probed_run
+
+    run = copy_run(probed_run(trained_run, tmp_path_factory), tmp_path / "probed")
+    args = ["--model", "logreg", "--features", f"run:{run}", "--data-folder", image_root / "train", *FAST]
+    record = run / "probe" / "selection.json"
+    selected = json.loads(record.read_text())["checkpoint"]
+    result = invoke([*args, "--run-dir", tmp_path / "checked"])
+    assert result.exit_code == 0, result.output
+    info = yaml.safe_load((tmp_path / "checked" / "config.yaml").read_text())["run_info"]
+    assert info["features_source"]["checkpoint"] == str((run / selected).resolve())
+
+    # the recorded choice is what counts, not the newest checkpoint: name the other one
+    data = json.loads(record.read_text())
+    other = "ckpt_epoch_2.pth" if selected != "ckpt_epoch_2.pth" else "ckpt_epoch_4.pth"
+    data.update(checkpoint=other, checkpoint_sha256=file_sha256(run / other))
+    record.write_text(json.dumps(data))
+    result = invoke([*args, "--run-dir", tmp_path / "other"])
+    assert result.exit_code == 0, result.output
+    info = yaml.safe_load((tmp_path / "other" / "config.yaml").read_text())["run_info"]
+    assert info["features_source"]["checkpoint"] == str((run / other).resolve())
+
+    # the selected checkpoint changed since probe-all chose it: refused, naming what to run
+    data.update(checkpoint_sha256="0" * 64)
+    record.write_text(json.dumps(data))
+    assert_one_line_error(invoke([*args, "--run-dir", tmp_path / "stale"]), "has changed since", "probe-all --run")
+    assert not (tmp_path / "stale").exists()
+    # probed heads but no selection recorded (a run probed before probe-all wrote one): refused
+    record.unlink()
+    assert_one_line_error(invoke([*args, "--run-dir", tmp_path / "early"]), "never probed", "ckpt_epoch_N")

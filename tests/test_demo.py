@@ -125,8 +125,8 @@ def test_demo_passes_its_seed_and_pins_the_threads_of_every_step(tmp_path, monke
     result = CliRunner().invoke(demo.demo_command, ["--workdir", str(tmp_path / "demo"), "--seed", "3",
                                                     "--threads", "1", "--size", "8"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    def name(command):  # a console script, or its ``python -m MODULE`` fallback
-        return command[2] if command[1:2] == ["-m"] else Path(command[0]).name
+    def name(command):  # a console script, or its ``python -m linear_probe.use_cli NAME`` fallback
+        return command[3] if command[1:3] == ["-m", "linear_probe.use_cli"] else Path(command[0]).name
 
     names = [name(command) for command, _ in calls]
     assert names[:5] == ["supcon-train", "probe-all", "baseline-train", "baseline-train", "check-accuracies"]

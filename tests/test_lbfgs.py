@@ -1,4 +1,4 @@
-"""L-BFGS logistic regression (linear_probe/lbfgs.py) and ``probe-all --head-solver lbfgs``."""
+"""L-BFGS logistic regression (supcon/logistic.py) and ``probe-all --head-solver lbfgs``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from sklearn.preprocessing import StandardScaler
 from linear_probe.cli import probe_all_command
 from linear_probe.config import ProbeConfig
 from linear_probe.heads import load_head_records, load_head_state
-from linear_probe.lbfgs import C_GRID, fit_logistic_regression, linear_scores
 from linear_probe.probe import HeadSettings, make_head
 from linear_probe.probe_all import probe_all
+from supcon.logistic import C_GRID, fit_logistic_regression, linear_scores
 from tests.probe_helpers import copy_run
 
 

@@ -3,25 +3,20 @@
 import pytest
 import torch
 
-from linear_probe.checkpoints import (
-    assert_encoder_unchanged,
-    build_frozen_encoder,
-    check_checkpoint,
-    file_sha256,
-    find_checkpoints,
-)
+from linear_probe.checkpoints import assert_encoder_unchanged, check_checkpoint, find_checkpoints
 from linear_probe.features import (
     FeatureCache,
     ShuffledBatchSampler,
     cached_batches,
     cached_features,
-    encode_samples,
     folder_fingerprint,
 )
 from linear_probe.probe import HeadSettings, evaluate_head, make_head, settings_key, train_linear_head
-from supcon.checkpoint import load_checkpoint
+from supcon.checkpoint import file_sha256
 from supcon.data import eval_transform, scan_image_folder
 from supcon.errors import UserError
+from supcon.frozen import build_frozen_encoder, encode_samples
+from supcon.rundir import load_supcon_checkpoint as load_checkpoint
 
 
 def blobs(n_per_class, num_classes=3, dim=8, spread=1.5, seed=0):

@@ -130,8 +130,8 @@ def test_console_scripts_and_module_entry_points_run(tmp_path):
         assert result.exit_code == 0 and usage in result.output, name
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     nowhere, out = str(tmp_path / "nowhere"), str(tmp_path / "out")
-    for module, args in (("linear_probe.export", ["--run", nowhere, "--out", out]),
-                         ("linear_probe.predict", ["--run", nowhere, str(tmp_path), "--out", out]),
+    for module, args in (("linear_probe.use_cli", ["supcon-export", "--run", nowhere, "--out", out]),
+                         ("linear_probe.use_cli", ["predict", "--run", nowhere, str(tmp_path), "--out", out]),
                          ("linear_probe.run_report", ["--run", nowhere])):
         done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                               timeout=300)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from linear_probe.checkpoints import FileStamp
 from linear_probe.heads import HeadRecord
 from linear_probe.select import MAX_VAL_ACC, TREND, WITHIN_NOISE, select, select_best
+from supcon.checkpoint import FileStamp
 
 
 def select_max(records):

@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from linear_probe.checkpoints import FileStamp, build_frozen_encoder, find_checkpoints
+from linear_probe.checkpoints import find_checkpoints
 from linear_probe.classifier import RunClassifier, load_run_classifier, resolve_eval_folder
-from linear_probe.config import resolve_device
-from linear_probe.features import FeatureCache, cached_features, encode_samples, folder_fingerprint
+from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
 from linear_probe.heads import load_head_records
 from linear_probe.plateau import choose_from_run
 from linear_probe.predict import classify_paths
@@ -40,9 +39,10 @@ from linear_probe.run_report.network_views import (
 )
 from linear_probe.run_report.page import Section, render
 from linear_probe.runs import BASELINE_KIND, RunInfo, scan_checked
-from supcon.checkpoint import atomic_write_text
+from supcon.checkpoint import FileStamp, atomic_write_text
 from supcon.data import EvalDataset, ImageFolderIndex, eval_transform
 from supcon.errors import UserError
+from supcon.frozen import build_frozen_encoder, encode_samples, resolve_device
 from supcon.metrics import TestMetrics, classification_metrics
 from supcon.rundir import METRICS_FILE, MetricsCSV, load_supcon_checkpoint
 

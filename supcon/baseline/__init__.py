@@ -2,6 +2,9 @@
 cross-entropy, in the same run-directory format as SupCon runs, so check-accuracies compares them.
 
 Modules: ``nets`` (the custom small nets), ``models`` (factory, heads, ``--freeze``), ``data``
-(augmentation presets, stratified val split), ``losses``, ``metrics``, ``train`` (loop, early
-stopping, checkpoints), ``evaluate`` (``predict_run`` for check-accuracies), ``grid``, ``cli``.
+(augmentation presets, stratified val split), ``losses``, ``config``, ``train`` (loop, early
+stopping, checkpoints), ``evaluate`` (``predict_run`` for check-accuracies), ``grid``, ``cli``; the
+classical models (``--model svm|logreg|knn``): ``classical`` (the run), ``classical_models`` (the
+scikit-learn models as tensors) and ``classical_features`` (their feature sources). The map of
+``supcon/`` is ``supcon/README.md``.
 """

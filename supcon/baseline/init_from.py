@@ -1,7 +1,7 @@
 """``baseline-train --init-from``: start the supervised fine-tune from a SupCon run's encoder.
 
 ``--init-from RUN`` takes the checkpoint that probe-all's default selection rule chose on val
-(``RUN/probe/selection.json``, written by ``probe-all``); ``--init-from RUN/ckpt_epoch_N.pth`` (or
+(``RUN/probe/selection.json``, :func:`supcon.rundir.selected_checkpoint`); ``--init-from RUN/ckpt_epoch_N.pth`` (or
 ``last.pth``) names one. The checkpoint must hold the same network at the same input size as the
 baseline asks for (``--model``, ``--small-input``, ``--size``): a partial load would fine-tune a
 network that is partly random without saying so, so a mismatch is refused.
@@ -14,16 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supcon.checkpoint import file_sha256
 from supcon.errors import UserError
-from supcon.rundir import (
-    PROBE_DIR,
-    SELECTION_FILE,
-    SUPCON_KIND,
-    load_supcon_checkpoint,
-    read_config,
-    read_selection,
-    split_config,
-)
+from supcon.rundir import SUPCON_KIND, load_supcon_checkpoint, read_config, selected_checkpoint, split_config
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +43,6 @@ class InitSource:
                 "checkpoint_sha256": self.sha256, "chosen": self.how}
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_init_source(init_from: str, model: str, small_input: bool, size: int) -> InitSource:
     """Find, load and check the SupCon checkpoint that ``--init-from`` names.
 
@@ -73,26 +56,13 @@ def resolve_init_source(init_from: str, model: str, small_input: bool, size: int
         _, run_info = split_config(read_config(run_dir))
         if run_info.get("kind", SUPCON_KIND) != SUPCON_KIND:
             raise UserError(f"--init-from {given}: a {run_info.get('kind')} run, not a supcon-train run")
-        selection = read_selection(run_dir)
-        if selection is None:
-            raise UserError(f"--init-from {given}: no {PROBE_DIR}/{SELECTION_FILE} (the run was never probed); "
-                            f"run probe-all --run {given} first, or name a checkpoint: --init-from "
-                            f"{given}/ckpt_epoch_N.pth")
-        path = run_dir / selection["checkpoint"]
+        path, selection = selected_checkpoint(run_dir, f"--init-from {given}")
         how = f"selected by probe-all ({selection.get('rule', '?')})"
-        if not path.is_file():
-            raise UserError(f"--init-from {given}: the selected checkpoint {path} is gone; run probe-all --run "
-                            f"{given} again, or name a checkpoint")
-        expected_sha = selection.get("checkpoint_sha256")
     elif given.is_file():
-        path, run_dir, how, expected_sha = given, given.parent, "named", None
+        path, run_dir, how = given, given.parent, "named"
     else:
         raise UserError(f"--init-from not found: {given} (a supcon-train run directory or one of its checkpoints)")
     state = load_supcon_checkpoint(path)
-    sha256 = _sha256(path)
-    if expected_sha and sha256 != expected_sha:
-        raise UserError(f"--init-from {given}: {path.name} changed since probe-all selected it; run probe-all --run "
-                        f"{given} again")
     model_config = state.get("model_config") or {}
     problems = []
     if model_config.get("model") != model:
@@ -109,4 +79,5 @@ def resolve_init_source(init_from: str, model: str, small_input: bool, size: int
                         "the fine-tune must use the same network and input size")
     epoch = int(state.get("epoch", 0))
     logger.info("starting the backbone from %s (backbone epoch %d, %s)", path, epoch, how)
-    return InitSource(path, run_dir, epoch, sha256, how, state["encoder"], state.get("mean"), state.get("std"))
+    return InitSource(path, run_dir, epoch, file_sha256(path), how, state["encoder"], state.get("mean"),
+                      state.get("std"))
