@@ -118,3 +118,31 @@ def test_no_automatic_warm_up_at_batch_256(big_batch_folder, tmp_path):
     assert config["learning_rate"] == pytest.approx(0.125)
     # one epoch of one: the cosine value at epoch 1 of 1 is eta_min = 0.125 * 0.001
     assert float(rows[0]["lr"]) == pytest.approx(0.000125)
+
+
+WSD = LRSchedule(base_lr=0.4, epochs=20, steps_per_epoch=10, kind="wsd", decay_rate=0.1, cooldown_start=10,
+                 cooldown_epochs=10)
+
+
+def test_wsd_is_constant_then_falls_linearly_per_step_to_eta_min():
+    assert WSD.lr_at(0) == pytest.approx(0.4) and WSD.lr_at(99) == pytest.approx(0.4)  # stable: epochs 1-10
+    # cool-down over steps 100..199: the first is 1/100 of the way to eta_min = 0.4 * 0.001, the middle half-way
+    assert WSD.lr_at(100) == pytest.approx(0.4 + 0.01 * (0.0004 - 0.4))
+    assert WSD.lr_at(149) == pytest.approx(0.4 + 0.5 * (0.0004 - 0.4))
+    assert WSD.lr_at(199) == pytest.approx(0.0004)
+    values = [WSD.lr_at(step) for step in range(200)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_wsd_without_a_cooldown_stays_constant_and_one_is_added_later():
+    open_ended = LRSchedule(base_lr=0.4, epochs=80, steps_per_epoch=10, kind="wsd", warm=True, warm_epochs=2,
+                            warmup_from=0.04)
+    assert open_ended.lr_at(0) == pytest.approx(0.04)  # the warm-up aims at the stable rate
+    assert open_ended.lr_at(10) == pytest.approx(0.04 + 0.5 * (0.4 - 0.04))
+    assert open_ended.lr_at(20) == pytest.approx(0.4) and open_ended.lr_at(799) == pytest.approx(0.4)
+    # the run stops improving after epoch 30: a cool-down over 40% of the 30 epochs, epochs 31-42
+    cooled = open_ended.with_cooldown(30, 0.4)
+    assert (cooled.cooldown_start, cooled.cooldown_epochs, cooled.epochs) == (30, 12, 42)
+    assert cooled.lr_at(299) == pytest.approx(0.4) and cooled.lr_at(419) == pytest.approx(0.0004)
+    assert cooled.lr_at(0) == open_ended.lr_at(0)  # the past is unchanged
+    assert LRSchedule.cooldown_length(3, 0.1) == 1  # at least one epoch
