@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--supcon-args", default="", help="Extra supcon-train options (a variant under study).")
     parser.add_argument("--baseline-args", default="", help="Extra options of both baseline-train networks.")
     parser.add_argument("--no-finetune", action="store_true", help="Skip the fine-tune from SupCon.")
+    parser.add_argument("--supcon-only", action="store_true",
+                        help="With --val-only: only SupCon and its probes (comparing SupCon variants).")
     parser.add_argument("--val-only", action="store_true",
                         help="Choose-defaults mode: no test folder is read; report validation accuracies.")
     parser.add_argument("--tag", default="", help="Name of this variant (run folders and output file).")
@@ -142,6 +144,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -
                                str(runs / SUPCON), "--resume", *shlex.split(args.supcon_args)], args.threads, log)
     run(cell, "probe-all", ["probe-all", "--run", str(runs / SUPCON), "--from", "auto", "--seed", seed,
                             "--num-workers", "0", "--quiet"], args.threads, log)
+    if args.val_only and args.supcon_only:
+        return cell
     baseline = ["baseline-train", "--data-folder", train, *common, "--epochs", str(args.epochs), "--seed", seed,
                 *shlex.split(args.baseline_args)]
     if not args.no_finetune:
@@ -192,7 +196,8 @@ def val_accuracy(run_dir: Path) -> float:
 
 
 def cell_result(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -> dict:
-    names = [SUPCON, *([] if args.no_finetune else [FINETUNE]), SCRATCH]
+    names = [SUPCON] if args.val_only and args.supcon_only else [SUPCON, *([] if args.no_finetune else [FINETUNE]),
+                                                                    SCRATCH]
     result = {"dataset": cell.dataset, "seed": cell.seed, "seconds": cell.seconds,
               "val_accuracy": {n: val_accuracy(cell.runs / n) for n in names}}
     selection = json.loads((cell.runs / SUPCON / "probe" / "selection.json").read_text())

@@ -64,6 +64,23 @@ D = TrainConfig()
 @click.option("--weight-decay", "--weight_decay", "weight_decay", type=float, default=D.weight_decay, show_default=True)
 @click.option("--cosine/--no-cosine", default=D.cosine, show_default=True,
               help="Cosine decay to lr x lr_decay_rate^3; --no-cosine uses step decay at --lr-decay-epochs.")
+@click.option("--schedule", type=click.Choice(["cosine", "step", "wsd"]),
+              help="LR schedule: cosine (the reference), step (decay at --lr-decay-epochs), wsd (warm-up, constant, "
+                   "then a linear cool-down over --cooldown-fraction of the epochs) [default: cosine; step with "
+                   "--no-cosine; wsd with --until plateau].")
+@click.option("--cooldown-fraction", type=float, default=D.cooldown_fraction, show_default=True,
+              help="wsd: the cool-down's share of the epochs (with --until plateau: of the epochs trained when the "
+                   "plateau is found).")
+@click.option("--until", type=click.Choice(["epochs", "plateau"]), default=D.until, show_default=True,
+              help="epochs: train --epochs; plateau: end when the live probe's val accuracy stops improving beyond "
+                   "its noise (then cool down, save and stop), with --epochs as the ceiling.")
+@click.option("--plateau-patience", type=float, default=D.plateau_patience, show_default=True,
+              help="--until plateau: share of the epochs so far without improvement before the cool-down starts.")
+@click.option("--probe-every", type=int,
+              help="Live probe every N epochs: an L-BFGS linear head on the frozen features of the training images, "
+                   "scored on the val folder (0: off) [default: --save-freq when there is a val folder].")
+@click.option("--probe-max-images", type=int, default=D.probe_max_images, show_default=True,
+              help="Live probe: at most this many training images (a seeded subset beyond; recorded).")
 @click.option("--lr-decay-epochs", "--lr_decay_epochs", "lr_decay_epochs", type=str,
               default=",".join(map(str, D.lr_decay_epochs)), show_default=True,
               help="Step-decay epochs (with --no-cosine).")

@@ -22,8 +22,10 @@ from supcon.errors import UserError
 RUNTIME_KEYS = frozenset(
     {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names", "stop_on_collapse",
      "collapse_patience", "keep_last", "allow_data_change", "compile", "grad_checkpointing", "log_every", "knn_every",
-     "dataset"}
+     "dataset", "probe_every", "probe_max_images"}
 )
+#: Runtime options that decide where a ``--until plateau`` run stops: they may not change on its resumption.
+PLATEAU_KEYS = frozenset({"probe_every", "probe_max_images"})
 
 
 def parse_triplet(text: str | list | tuple | None, name: str) -> list[float] | None:
@@ -117,6 +119,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     cosine: bool = True
+    schedule: str | None = None
+    cooldown_fraction: float = 0.2
+    until: str = "epochs"
+    plateau_patience: float = 0.4
+    probe_every: int | None = None
+    probe_max_images: int = 10000
     lr_decay_epochs: list[int] = field(default_factory=lambda: [700, 800, 900])
     lr_decay_rate: float = 0.1
     warm: bool | None = None
@@ -169,6 +177,7 @@ class TrainConfig:
                             f"{self.memory_warmup}")
         if self.knn_every < 0:
             raise UserError(f"--knn-every must be >= 0 (0 turns the kNN monitor off), got {self.knn_every}")
+        self._validate_schedule()
         check_bounds(self, at_least_one=("epochs", "save_freq", "size", "feat_dim", "log_every", "knn_k",
                                          "collapse_patience", "warm_epochs"),
                      positive=("temp", "base_temp", "knn_temperature"))
@@ -189,6 +198,43 @@ class TrainConfig:
         self.mean = parse_triplet(self.mean, "mean")
         self.std = parse_triplet(self.std, "std")
         self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "lr-decay-epochs")
+
+
+    def _validate_schedule(self) -> None:
+        from supcon.schedule import SCHEDULES
+
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule == "cosine" and not self.cosine:
+            raise UserError("--schedule cosine contradicts --no-cosine (which means --schedule step); give one")
+        if self.until not in UNTIL_CHOICES:
+            raise UserError(f"--until must be one of {', '.join(UNTIL_CHOICES)}, got {self.until!r}")
+        if self.until == "plateau" and self.schedule not in (None, "wsd"):
+            raise UserError(f"--until plateau needs a schedule that can end at any time (--schedule wsd), got "
+                            f"--schedule {self.schedule}: the {self.schedule} schedule is set by --epochs")
+        if self.until == "plateau" and self.probe_every == 0:
+            raise UserError("--until plateau decides on the live probe: --probe-every must be positive, got 0")
+        if not 0 < self.cooldown_fraction < 1:
+            raise UserError(f"--cooldown-fraction must be in (0, 1), got {self.cooldown_fraction}")
+        if not 0 < self.plateau_patience < 1:
+            raise UserError(f"--plateau-patience must be in (0, 1), got {self.plateau_patience}")
+        if self.probe_every is not None and self.probe_every < 0:
+            raise UserError(f"--probe-every must be >= 0 (0 turns the live probe off), got {self.probe_every}")
+        if self.probe_max_images < 10:
+            raise UserError(f"--probe-max-images must be at least 10, got {self.probe_max_images}")
+
+    @property
+    def schedule_kind(self) -> str:
+        """``cosine``, ``step`` or ``wsd``: ``--schedule``, else WSD for ``--until plateau``, else by ``--cosine``."""
+        if self.schedule is not None:
+            return self.schedule
+        if self.until == "plateau":
+            return "wsd"
+        return "cosine" if self.cosine else "step"
+
+
+#: ``--until`` choices: the fixed ``--epochs``, or the end of the live probe's plateau (``--epochs`` the ceiling).
+UNTIL_CHOICES = ("epochs", "plateau")
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -351,8 +397,13 @@ def resolve_train_config(config: TrainConfig, *, precision: str, on_gpu: bool, w
         val_folder = recorded.get("val_folder")
     else:
         val_folder = find_split_folder("val", config.val_folder, data_folder)
+    probe_every = kept("probe_every", config.save_freq if val_folder else 0)
+    if config.until == "plateau" and not val_folder:
+        raise UserError("--until plateau decides on the live probe's val accuracy: it needs a val folder "
+                        "(--val-folder, or a sibling 'val' of the data folder)")
     resolved = dataclasses.replace(
-        config, precision=precision, channels_last=on_gpu if config.channels_last is None else config.channels_last,
+        config, probe_every=probe_every, precision=precision,
+        channels_last=on_gpu if config.channels_last is None else config.channels_last,
         gpu_augment=kept("gpu_augment", on_gpu), data_folder=data_folder, val_folder=val_folder,
         learning_rate=kept("learning_rate", linear_scaled_lr(global_batch)), warm=warm,
         mean=kept("mean", None), std=kept("std", None), lr_decay_epochs=list(config.lr_decay_epochs),

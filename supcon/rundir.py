@@ -134,16 +134,18 @@ def make_run_info(kind: str, *, class_names: list[str], data_folder: str, val_fo
 
 def supcon_checkpoint(*, model_config: dict[str, Any], encoder: dict, head: dict, epoch: int, global_step: int,
                       config: dict[str, Any], class_names: list[str], mean: list[float], std: list[float],
-                      data_folder: str, resume_state: dict[str, Any]) -> dict[str, Any]:
+                      data_folder: str, resume_state: dict[str, Any],
+                      live_probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """A supcon-train checkpoint: the encoder and head with everything to rebuild and probe them.
 
     ``resume_state`` holds what only ``--resume`` needs (optimizer, scaler, rng, epoch_state,
-    collapse). ``epoch`` counts finished epochs; ``global_step`` the optimizer steps.
+    collapse). ``epoch`` counts finished epochs; ``global_step`` the optimizer steps. ``live_probe``:
+    the live probe measured on these weights (:class:`supcon.live_probe.LiveProbe`), if one was.
     """
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model_config": model_config,
             "encoder": encoder, "head": head, **resume_state, "epoch": epoch, "global_step": global_step,
             "config": config, "class_names": list(class_names), "mean": list(mean), "std": list(std),
-            "data_folder": data_folder}
+            "data_folder": data_folder, "live_probe": live_probe}
 
 
 def baseline_checkpoint(*, model_config: dict[str, Any], description: str, encoder: dict, head: dict, epoch: int,

@@ -56,11 +56,10 @@ class LRSchedule:
         """Epochs of a cool-down over ``fraction`` of the epochs trained so far (at least one)."""
         return max(1, math.ceil(fraction * epochs_so_far - 1e-9))
 
-    def with_cooldown(self, start: int, fraction: float) -> LRSchedule:
-        """This WSD schedule with its cool-down starting after epoch ``start`` (``fraction`` of ``start`` long)."""
+    def with_cooldown(self, start: int, length: int) -> LRSchedule:
+        """This WSD schedule with a cool-down of ``length`` epochs starting after epoch ``start``."""
         from dataclasses import replace
 
-        length = self.cooldown_length(start, fraction)
         return replace(self, cooldown_start=start, cooldown_epochs=length, epochs=start + length)
 
     @property

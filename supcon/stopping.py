@@ -50,8 +50,13 @@ class StopDecision:
     def last_epoch(self) -> int:
         return self.epoch + self.cooldown_epochs
 
+    @property
+    def cooldown_text(self) -> str:
+        first = self.epoch + 1
+        return f"epoch {first}" if first == self.last_epoch else f"epochs {first}-{self.last_epoch}"
+
     def message(self) -> str:
-        return (f"{self.reason}; cooled down over epochs {self.epoch + 1}-{self.last_epoch}; stopped")
+        return f"{self.reason}; cooled down over {self.cooldown_text}; stopped"
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "cooldown_epochs": self.cooldown_epochs, "reason": self.reason,
@@ -95,11 +100,15 @@ class PlateauRule:
         self.probes = [p for p in self.probes if p["epoch"] < epoch] + [
             {"epoch": int(epoch), "accuracy": float(accuracy), "num_val": int(num_val)}]
 
-    def check(self, epoch: int) -> StopDecision | None:
-        """After epoch ``epoch``'s records: the decision to cool down now, or None (also None once decided)."""
+    def check(self, epoch: int, probed: bool = True) -> StopDecision | None:
+        """After epoch ``epoch``'s records: the decision to cool down now, or None (also None once decided).
+
+        ``probed``: a live probe was recorded for this epoch (the plateau is only judged then; the
+        ceiling every epoch).
+        """
         if self.decision is not None:
             return None
-        decision = self._plateau(epoch)
+        decision = self._plateau(epoch) if probed else None
         if decision is None and epoch >= self.latest_start:
             best = max(self.probes, key=lambda p: (p["accuracy"], -p["epoch"]), default=None)
             decision = StopDecision(epoch, self.cooldown_for(epoch),

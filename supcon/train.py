@@ -19,7 +19,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from supcon.checkpoint import rng_state, set_rng_state
-from supcon.config import LR_RULE_GIVEN, RUNTIME_KEYS, TrainConfig, resolve_train_config, to_yaml_dict
+from supcon.config import (
+    LR_RULE_GIVEN,
+    PLATEAU_KEYS,
+    RUNTIME_KEYS,
+    TrainConfig,
+    resolve_train_config,
+    to_yaml_dict,
+)
 from supcon.data import (
     EpochBatchSampler,
     EvalDataset,
@@ -50,6 +57,7 @@ from supcon.health import (
     extract_features,
     knn_accuracy,
 )
+from supcon.live_probe import PROBE_FIELDS, LiveProbe, live_probe
 from supcon.losses import SupConLoss
 from supcon.memory import ProjectionMemory
 from supcon.models import build_model, check_model_name, model_config_from
@@ -66,13 +74,16 @@ from supcon.rundir import (
     supcon_checkpoint,
 )
 from supcon.schedule import AUTO_WARM_ABOVE_BATCH, LRSchedule
+from supcon.stopping import PlateauRule, StopDecision
 
 logger = logging.getLogger(__name__)
 
 N_VIEWS = 2
-METRIC_FIELDS = ["epoch", "loss", "collapsed_loss", "spread", "knn_accuracy", "lr", "images_per_s", "epoch_seconds"]
+METRIC_FIELDS = ["epoch", "loss", "collapsed_loss", "spread", "knn_accuracy", "lr", "images_per_s", "epoch_seconds",
+                 *PROBE_FIELDS, "stop_decision"]
 TENSORBOARD_TAGS = {"loss": "train/loss", "collapsed_loss": "train/collapsed_loss", "spread": "train/spread",
-                    "lr": "train/lr", "images_per_s": "train/images_per_s", "knn_accuracy": "monitor/knn_accuracy"}
+                    "lr": "train/lr", "images_per_s": "train/images_per_s", "knn_accuracy": "monitor/knn_accuracy",
+                    "probe_accuracy": "monitor/probe_accuracy", "probe_loss": "monitor/probe_loss"}
 
 
 @dataclass
@@ -205,6 +216,19 @@ def train_one_epoch(
                       seconds=state.seconds + time.perf_counter() - start_time)
 
 
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> LRSchedule:
+    """The run's learning-rate schedule: ``--schedule`` (cosine, step or wsd), warm-up and, for a fixed-length
+    WSD run, its cool-down over the last ``--cooldown-fraction`` of ``--epochs`` (``--until plateau``: none yet)."""
+    kind = config.schedule_kind
+    schedule = LRSchedule(config.learning_rate, config.epochs, steps_per_epoch, cosine=config.cosine,
+                          decay_epochs=config.lr_decay_epochs, decay_rate=config.lr_decay_rate, warm=config.warm,
+                          warm_epochs=config.warm_epochs, warmup_from=config.warmup_from, kind=kind)
+    if kind == "wsd" and config.until == "epochs":
+        length = LRSchedule.cooldown_length(config.epochs, config.cooldown_fraction)
+        schedule = schedule.with_cooldown(config.epochs - length, length)
+    return schedule
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -212,6 +236,7 @@ class TrainResult:
     interrupted_by: int | None = None  # signal number
     stopped_on_collapse: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    stop_decision: StopDecision | None = None  # --until plateau: when and why the cool-down started
 
     @property
     def exit_code(self) -> int:
@@ -241,9 +266,11 @@ class SupConTrainer:
         self.model_config = model_config_from(config)
         set_seed(config.seed)
         self.model, self.optimizer = self._build_model()
-        self.schedule = LRSchedule(config.learning_rate, config.epochs, self.steps_per_epoch, cosine=config.cosine,
-                                   decay_epochs=config.lr_decay_epochs, decay_rate=config.lr_decay_rate,
-                                   warm=config.warm, warm_epochs=config.warm_epochs, warmup_from=config.warmup_from)
+        self.schedule = make_schedule(config, self.steps_per_epoch)
+        self.plateau = (PlateauRule(config.plateau_patience, config.cooldown_fraction, ceiling=config.epochs)
+                        if config.until == "plateau" else None)
+        self.stopped_on_collapse = False
+        self.probe: LiveProbe | None = None  # the live probe of the epoch being saved
         self.loss_fn = SupConLoss(config.temp, config.base_temp)
         self.detector = CollapseDetector(patience=config.collapse_patience)
         self.collapsed_value = collapsed_loss(self.global_batch, N_VIEWS, config.temp, config.base_temp)
@@ -283,7 +310,14 @@ class SupConTrainer:
         self.epoch_state = EpochState(**state.get("epoch_state", {}))
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+            if self.plateau.decision is not None:
+                self._cool_down(self.plateau.decision)
         return int(state["epoch"])
+
+    def _cool_down(self, decision: StopDecision) -> None:
+        self.schedule = self.schedule.with_cooldown(decision.epoch, decision.cooldown_epochs)
 
     def run_info(self, bad_images: int) -> dict[str, Any]:
         return make_run_info(
@@ -307,7 +341,7 @@ class SupConTrainer:
         self.sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, accelerator.process_index,
                                          self.engine.world)
         self.loader = make_loader(dataset, config.num_workers, pin, batch_sampler=self.sampler)
-        if config.knn_every == 0:
+        if config.knn_every == 0 and not config.probe_every:
             return
         transform = eval_transform(config.size, config.mean, config.std)
         loaders = [make_loader(EvalDataset(samples, transform), config.num_workers, pin, persistent=False,
@@ -344,24 +378,58 @@ class SupConTrainer:
                "spread": round(spread, 6), "knn_accuracy": None,
                "lr": self.schedule.lr_at((epoch_done - 1) * self.steps_per_epoch),
                "images_per_s": round(images_per_s, 2), "epoch_seconds": round(state.seconds, 3)}
-        if self.knn_loaders is not None and (epoch_done % config.knn_every == 0 or epoch_done == config.epochs):
-            row["knn_accuracy"] = round(self._knn_monitor(), 6)
+        last_epoch = self.last_epoch
+        knn_due = config.knn_every > 0 and (epoch_done % config.knn_every == 0 or epoch_done == last_epoch)
+        probe_due = bool(config.probe_every) and (epoch_done % config.probe_every == 0 or epoch_done == last_epoch)
+        self.probe = None
+        if self.knn_loaders is not None and (knn_due or probe_due):
+            features = self._monitor_features()
+            if knn_due:
+                row["knn_accuracy"] = round(self._knn_monitor(*features), 6)
+            if probe_due and features[2] is not None:
+                self.probe = live_probe(epoch_done, *features, len(self.index.classes), config.probe_max_images,
+                                        config.seed)
+                row.update(self.probe.row())
         knn_text = f" kNN {row['knn_accuracy']:.4f}" if row["knn_accuracy"] is not None else ""
-        summary = (f"loss {loss:.4f} (collapsed {self.collapsed_value:.4f}) spread {spread:.4f}{knn_text} "
+        probe_text = f" {self.probe.summary()}" if self.probe is not None else ""
+        summary = (f"loss {loss:.4f} (collapsed {self.collapsed_value:.4f}) spread {spread:.4f}{knn_text}{probe_text} "
                    f"lr {row['lr']:.4g} {images_per_s:.0f} img/s {state.seconds:.1f}s")
         fired = self.detector.update(loss, self.collapsed_value, spread, config.feat_dim)
+        end_reason = self._plateau_step(epoch_done, loss, row)
         self.epoch_state = EpochState()
         checkpoint = self.checkpoint(epoch_done, self.epoch_state)
         files = {LAST: checkpoint}
-        if epoch_done % config.save_freq == 0 or epoch_done == config.epochs:
+        if epoch_done % config.save_freq == 0 or epoch_done == config.epochs or epoch_done == self.last_epoch:
             files = {epoch_checkpoint_name(epoch_done): checkpoint, LAST: checkpoint}
-        end_reason = None
         if fired:
             logger.warning("epoch %d: the loss has sat at the collapsed value %.4f for %d epochs: %s", epoch_done,
                            self.collapsed_value, self.detector.epochs_collapsed, COLLAPSE_ADVICE)
-            if config.stop_on_collapse:
+            if config.stop_on_collapse and end_reason is None:
+                self.stopped_on_collapse = True
                 end_reason = f"stopping (--stop-on-collapse); checkpoints are kept in {self.engine.run_dir}"
         return EpochEnd(row, summary, files, end_reason)
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch the run ends with: ``--epochs``, or the end of the cool-down once ``--until plateau`` decided."""
+        decision = self.plateau.decision if self.plateau is not None else None
+        return decision.last_epoch if decision is not None else self.config.epochs
+
+    def _plateau_step(self, epoch_done: int, loss: float, row: dict[str, Any]) -> str | None:
+        """``--until plateau``: record the epoch, decide on a cool-down; the end message at its last epoch."""
+        if self.plateau is None:
+            return None
+        self.plateau.record_loss(epoch_done, loss)
+        if self.probe is not None:
+            self.plateau.record_probe(epoch_done, self.probe.val_accuracy, self.probe.num_val)
+        decision = self.plateau.check(epoch_done, probed=self.probe is not None)
+        if decision is not None:
+            self._cool_down(decision)
+            row["stop_decision"] = decision.reason
+            logger.info("epoch %d: %s: cooling down over %s", epoch_done, decision.reason, decision.cooldown_text)
+        if self.plateau.decision is not None and epoch_done >= self.plateau.decision.last_epoch:
+            return self.plateau.decision.message()
+        return None
 
     def checkpoint(self, epochs_done: int, state: EpochState) -> dict[str, Any]:
         """The checkpoint after ``epochs_done`` epochs and ``state.steps_done`` steps of the next."""
@@ -376,19 +444,27 @@ class SupConTrainer:
                           "scaler": scaler.state_dict() if scaler is not None else None,
                           "epoch_state": vars(state).copy(), "collapse": self.detector.state_dict(),
                           "rng": rng_state(),
-                          "memory": self.memory.state_dict() if self.memory is not None else None})
+                          "memory": self.memory.state_dict() if self.memory is not None else None,
+                          "plateau": self.plateau.state_dict() if self.plateau is not None else None},
+            live_probe=self.probe.to_dict() if self.probe is not None and state.steps_done == 0 else None)
 
-    def _knn_monitor(self) -> float:
-        """Weighted kNN accuracy of the encoder's features: val queries against the training bank."""
-        config, accelerator = self.config, self.accelerator
+    def _monitor_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The encoder's features of the training images and of the val images (None without a val folder)."""
+        accelerator = self.accelerator
         encoder = accelerator.unwrap_model(self.model).encoder
         bank_loader, query_loader = self.knn_loaders
         bank_features, bank_labels = extract_features(encoder, bank_loader, accelerator)
-        num_classes = len(self.index.classes)
         if query_loader is None:
+            return bank_features, bank_labels, None, None
+        return (bank_features, bank_labels, *extract_features(encoder, query_loader, accelerator))
+
+    def _knn_monitor(self, bank_features, bank_labels, query_features, query_labels) -> float:
+        """Weighted kNN accuracy of the encoder's features: val queries against the training bank."""
+        config = self.config
+        num_classes = len(self.index.classes)
+        if query_features is None:
             return knn_accuracy(bank_features, bank_labels, bank_features, bank_labels, num_classes, config.knn_k,
                                 config.knn_temperature, exclude_self=True)
-        query_features, query_labels = extract_features(encoder, query_loader, accelerator)
         return knn_accuracy(bank_features, bank_labels, query_features, query_labels, num_classes, config.knn_k,
                             config.knn_temperature)
 
@@ -399,17 +475,18 @@ def _refuse_changes(engine: RunEngine, recorded: RecordedRun | None, config: Tra
     Raises:
         UserError: naming the differences (for ``--epochs``, why the cosine schedule cannot be extended).
     """
-    ignore = RUNTIME_KEYS
+    ignore = RUNTIME_KEYS - PLATEAU_KEYS if config.until == "plateau" else RUNTIME_KEYS
     if recorded is not None and recorded.options.get("epochs") not in (None, config.epochs):
         run_epochs = int(recorded.options["epochs"])
-        if config.cosine or config.epochs < run_epochs:
+        if config.schedule_kind != "step" or config.epochs < run_epochs:
             raise UserError(
                 f"run dir {engine.run_dir} was started with --epochs {run_epochs}, now {config.epochs}: "
                 + ("a run cannot be shortened; its numbered checkpoints hold the epochs you want"
                    if config.epochs < run_epochs else
-                   "the cosine schedule is set by --epochs, so a longer run is a different run from its first "
-                   "epoch; start a new run (only --no-cosine runs can be extended with --resume --epochs N)"))
-        ignore = RUNTIME_KEYS | {"epochs"}  # the step schedule and warm-up do not depend on the total
+                   f"the {config.schedule_kind} schedule is set by --epochs, so a longer run is a different run from "
+                   "its first epoch; start a new run (only --schedule step runs can be extended with --resume "
+                   "--epochs N)"))
+        ignore = ignore | {"epochs"}  # the step schedule and warm-up do not depend on the total
     engine.refuse_changes(recorded, to_yaml_dict(config), ignore, global_batch, config.batch_size,
                           defaults=to_yaml_dict(TrainConfig()))
 
@@ -417,11 +494,18 @@ def _refuse_changes(engine: RunEngine, recorded: RecordedRun | None, config: Tra
 def _finished_message(run_dir: Path, state: dict[str, Any], config: TrainConfig) -> str | None:
     """What to say when ``--resume`` finds a run that has trained all its epochs (None otherwise)."""
     done = int(state["epoch"])
-    if done < config.epochs or state.get("epoch_state", {}).get("steps_done"):
+    if state.get("epoch_state", {}).get("steps_done"):
         return None
-    how = ("resume it with a larger --epochs (the step schedule of --no-cosine does not depend on it)"
-           if not config.cosine else
-           "start a new run with the --epochs you want (the cosine schedule is set by --epochs, so extending "
+    decision = (state.get("plateau") or {}).get("decision")
+    if decision and done >= decision["epoch"] + decision["cooldown_epochs"]:
+        return (f"run {run_dir} is finished: --until plateau cooled down and stopped after epoch {done} "
+                f"({decision['reason']}). Probe it with probe-all --run {run_dir}")
+    if done < config.epochs:
+        return None
+    how = ("resume it with a larger --epochs (the step schedule does not depend on it)"
+           if config.schedule_kind == "step" else
+           f"start a new run with the --epochs you want (the {config.schedule_kind} schedule is set by --epochs, "
+           "so extending "
            "this run would not give the run a longer --epochs gives)")
     return (f"run {run_dir} is finished: {done} of {config.epochs} epochs done, nothing to train. Probe it with "
             f"probe-all --run {run_dir}; to train longer, {how}")
@@ -543,5 +627,6 @@ def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResul
     if outcome.end_reason:
         logger.warning("%s", outcome.end_reason)
     return TrainResult(run_dir=run_dir, epochs_done=outcome.epochs_done, interrupted_by=outcome.interrupted_by,
-                       stopped_on_collapse=outcome.end_reason is not None, history=outcome.history)
+                       stopped_on_collapse=trainer.stopped_on_collapse, history=outcome.history,
+                       stop_decision=trainer.plateau.decision if trainer.plateau is not None else None)
 

@@ -141,7 +141,7 @@ def test_wsd_without_a_cooldown_stays_constant_and_one_is_added_later():
     assert open_ended.lr_at(10) == pytest.approx(0.04 + 0.5 * (0.4 - 0.04))
     assert open_ended.lr_at(20) == pytest.approx(0.4) and open_ended.lr_at(799) == pytest.approx(0.4)
     # the run stops improving after epoch 30: a cool-down over 40% of the 30 epochs, epochs 31-42
-    cooled = open_ended.with_cooldown(30, 0.4)
+    cooled = open_ended.with_cooldown(30, LRSchedule.cooldown_length(30, 0.4))
     assert (cooled.cooldown_start, cooled.cooldown_epochs, cooled.epochs) == (30, 12, 42)
     assert cooled.lr_at(299) == pytest.approx(0.4) and cooled.lr_at(419) == pytest.approx(0.0004)
     assert cooled.lr_at(0) == open_ended.lr_at(0)  # the past is unchanged
