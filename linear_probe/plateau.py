@@ -8,9 +8,13 @@ The rule, on the per-epoch rows of ``RUN/metrics.csv``:
    ``tolerance`` (default 10%) of its total range: ``s[e] - min(s[e:]) <= tolerance * (max(s) - min(s))``.
    Epochs at the collapsed level ``log(2B - 1)`` (within 1%; ``collapsed_loss`` column) never count:
    a collapsed run looks flat but has learnt nothing.
-3. **kNN plateau** (when the online kNN monitor logged ``knn_accuracy`` at two epochs or more, and it
-   moved by at least one point): the first logged epoch after which the kNN accuracy still rises by
-   at most ``tolerance`` of its total range.
+3. **Live-probe plateau** (when ``supcon-train`` logged its live probe, ``probe_accuracy``, at two
+   epochs or more): the first probed epoch whose val accuracy is within one standard error of the
+   best live probe's (the noise :mod:`supcon.stopping` judges with, so after ``--until plateau`` this
+   is where the plateau the run found begins). Without a live probe, the **kNN plateau** (when the
+   kNN monitor logged ``knn_accuracy`` at two epochs or more, and it moved by at least one point):
+   the first logged epoch after which the kNN accuracy still rises by at most ``tolerance`` of its
+   total range.
 4. The chosen epoch is the earlier of the two. Starting too late can miss the best checkpoint;
    starting a little early only costs a few more probes, each cheap on cached features.
 """
@@ -27,6 +31,8 @@ from supcon.errors import UserError
 from supcon.rundir import METRICS_FILE, MetricsCSV
 
 COLLAPSED_TOLERANCE = 0.01
+#: metrics.csv columns of supcon-train's live probe.
+PROBE_CURVES = ("probe_accuracy", "probe_low", "probe_high", "probe_num_val")
 MIN_EPOCHS = 3
 #: A kNN curve that moves less than this (one point) carries no plateau signal and is ignored.
 MIN_KNN_RANGE = 0.01
@@ -70,9 +76,23 @@ def rise_plateau_index(values: Sequence[float], tolerance: float) -> int:
     return loss_plateau_index([-v for v in values], tolerance)  # a rise is a fall of the negation
 
 
+def probe_plateau_epoch(epochs: Sequence[int], accuracies: Sequence[float | None],
+                        num_val: int | None) -> int | None:
+    """The first epoch whose live-probe val accuracy is within one standard error of the best (None: < 2 probes)."""
+    from supcon.stopping import accuracy_standard_error
+
+    logged = [(int(e), float(a)) for e, a in zip(epochs, accuracies, strict=True) if a is not None and math.isfinite(a)]
+    if len(logged) < 2 or not num_val:
+        return None
+    best = max(a for _, a in logged)
+    noise = accuracy_standard_error(best, num_val)
+    return next(e for e, a in logged if a >= best - noise - 1e-12)
+
+
 def choose_from_epoch(epochs: Sequence[int], losses: Sequence[float], tolerance: float = 0.1,
                       collapsed: Sequence[float | None] | None = None,
-                      knn: Sequence[float | None] | None = None) -> AutoFrom:
+                      knn: Sequence[float | None] | None = None, probe: Sequence[float | None] | None = None,
+                      probe_num_val: int | None = None) -> AutoFrom:
     """Apply the module's rule to per-epoch curves.
 
     Args:
@@ -81,6 +101,8 @@ def choose_from_epoch(epochs: Sequence[int], losses: Sequence[float], tolerance:
         tolerance: share of the total change still allowed after the plateau starts.
         collapsed: the collapsed loss level per row (None where unknown).
         knn: kNN accuracy per row (None where not measured).
+        probe: live-probe val accuracy per row (None where not measured); used instead of the kNN curve.
+        probe_num_val: the val images the live probe was scored on.
 
     Raises:
         UserError: fewer than 3 epochs, or a loss at the collapsed level throughout.
@@ -107,6 +129,12 @@ def choose_from_epoch(epochs: Sequence[int], losses: Sequence[float], tolerance:
     logged = [(int(e), float(a)) for e, a in zip(epochs, knn or [None] * len(epochs), strict=True)
               if a is not None and math.isfinite(a)]
     accuracies = [a for _, a in logged]
+    probe_epoch = probe_plateau_epoch(epochs, probe or [None] * len(epochs), probe_num_val)
+    if probe_epoch is not None:
+        chosen = min(loss_epoch, probe_epoch)
+        reason += (f"; the live probe's val accuracy is within one standard error of its best from epoch {probe_epoch}"
+                   f"; starting at the earlier, epoch {chosen}")
+        return AutoFrom(chosen, loss_epoch, probe_epoch, reason)
     if len(logged) >= 2 and max(accuracies) - min(accuracies) >= MIN_KNN_RANGE:
         knn_epoch = logged[rise_plateau_index(accuracies, tolerance)][0]
         reason += (f"; the kNN accuracy rises by at most {tolerance:.0%} of its range after epoch {knn_epoch} "
@@ -122,7 +150,8 @@ def choose_from_epoch(epochs: Sequence[int], losses: Sequence[float], tolerance:
 def read_curves(run_dir: str | os.PathLike) -> dict[str, list]:
     """The run's per-epoch ``epoch``, ``loss``, ``collapsed_loss``, ``spread``, ``knn_accuracy`` (None if empty)."""
     path = Path(run_dir) / METRICS_FILE
-    curves: dict[str, list] = {k: [] for k in ("epoch", "loss", "collapsed_loss", "spread", "knn_accuracy")}
+    curves: dict[str, list] = {k: [] for k in ("epoch", "loss", "collapsed_loss", "spread", "knn_accuracy",
+                                                *PROBE_CURVES)}
     for row in MetricsCSV(path, []).read():
         try:
             epoch, loss = int(float(row["epoch"])), float(row["loss"])
@@ -130,7 +159,7 @@ def read_curves(run_dir: str | os.PathLike) -> dict[str, list]:
             continue
         curves["epoch"].append(epoch)
         curves["loss"].append(loss)
-        for key in ("collapsed_loss", "spread", "knn_accuracy"):
+        for key in ("collapsed_loss", "spread", "knn_accuracy", *PROBE_CURVES):
             try:
                 curves[key].append(float(row[key]) if row.get(key) not in (None, "") else None)
             except ValueError:
@@ -148,4 +177,9 @@ def choose_from_run(run_dir: str | os.PathLike, tolerance: float = 0.1) -> AutoF
         raise UserError(f"--from auto needs {Path(run_dir) / METRICS_FILE} (the loss curve); pass --from N")
     curves = read_curves(run_dir)
     return choose_from_epoch(curves["epoch"], curves["loss"], tolerance, curves["collapsed_loss"],
-                             curves["knn_accuracy"])
+                             curves["knn_accuracy"], curves["probe_accuracy"], probe_num_val(curves))
+
+
+def probe_num_val(curves: dict[str, list]) -> int | None:
+    """The live probe's val set size, as metrics.csv recorded it (None without a live probe)."""
+    return next((int(n) for n in curves["probe_num_val"] if n is not None), None)

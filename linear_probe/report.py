@@ -188,6 +188,15 @@ def _plot_val_accuracy(axis, records: Sequence[HeadRecord], curves: dict[str, li
                   label="probe: settled val acc. (last tenth of the head epochs)")
         values += [v for pair in low_high for v in pair] + settled
     epochs = curves.get("epoch", [])
+    live = [(e, 100 * a, 100 * lo, 100 * hi) for e, a, lo, hi in zip(
+        epochs, *(curves.get(k) or [None] * len(epochs) for k in ("probe_accuracy", "probe_low", "probe_high")),
+        strict=True) if a is not None and lo is not None and hi is not None]
+    if live:
+        axis.errorbar([e for e, *_ in live], [a for _, a, _, _ in live],
+                      yerr=[[a - lo for _, a, lo, _ in live], [hi - a for _, a, _, hi in live]], marker="d",
+                      linestyle="-", color="tab:green", capsize=2, alpha=0.8,
+                      label="live probe during training (L-BFGS head), 95% interval")
+        values += [v for _, _, lo, hi in live for v in (lo, hi)]
     knn_epochs, knn = _known(epochs, curves.get("knn_accuracy", [None] * len(epochs)), scale=100)
     if knn:
         axis.plot(knn_epochs, knn, marker="x", linestyle=":", color="tab:orange",

@@ -7,7 +7,7 @@ on the val folder: val accuracy with its 95% Wilson interval, and val cross-entr
 are the kNN monitor's (one encoder pass serves both when they fall on the same epoch).
 
 The result goes to ``metrics.csv`` (``probe_accuracy``, ``probe_low``, ``probe_high``,
-``probe_loss``), TensorBoard (``monitor/probe_accuracy``), the epoch's log line and the checkpoint
+``probe_loss``, ``probe_num_val``), TensorBoard (``monitor/probe_accuracy``), the epoch's log line and the checkpoint
 saved at that epoch (``live_probe``), where ``probe-all`` finds it; ``--until plateau`` decides on it
 (:mod:`supcon.stopping`).
 """
@@ -24,7 +24,7 @@ from supcon.logistic import fit_logistic_regression
 from supcon.metrics import wilson_interval
 
 #: The metrics.csv columns of the live probe (empty on epochs without one).
-PROBE_FIELDS = ["probe_accuracy", "probe_low", "probe_high", "probe_loss"]
+PROBE_FIELDS = ["probe_accuracy", "probe_low", "probe_high", "probe_loss", "probe_num_val"]
 
 
 @dataclass
@@ -46,7 +46,8 @@ class LiveProbe:
 
     def row(self) -> dict[str, float]:
         return {"probe_accuracy": round(self.val_accuracy, 6), "probe_low": round(self.val_low, 6),
-                "probe_high": round(self.val_high, 6), "probe_loss": round(self.val_loss, 6)}
+                "probe_high": round(self.val_high, 6), "probe_loss": round(self.val_loss, 6),
+                "probe_num_val": self.num_val}
 
     def summary(self) -> str:
         return (f"probe {100 * self.val_accuracy:.1f}% [{100 * self.val_low:.1f}, {100 * self.val_high:.1f}] "

@@ -86,3 +86,37 @@ def test_reads_the_runs_metrics_csv(tmp_path):
     assert 11 <= choose_from_run(tmp_path).epoch <= 13
     with pytest.raises(UserError, match="metrics.csv"):
         choose_from_run(tmp_path / "nowhere")
+
+
+def test_the_live_probe_replaces_the_knn_curve_and_starts_where_it_reaches_its_best_within_noise():
+    epochs = list(range(1, 101))
+    losses = [1 + 4 * math.exp(-e / 40) for e in epochs]  # the loss plateau comes late (about epoch 100)
+    probe = [None] * 100
+    # 400 val images: one standard error at 90% is 1.5 points; epoch 30 (89%) is the first within it of 90%
+    for epoch, accuracy in [(10, 0.70), (20, 0.85), (30, 0.89), (40, 0.90), (50, 0.895), (60, 0.90)]:
+        probe[epoch - 1] = accuracy
+    knn = [None] * 100
+    knn[4], knn[9] = 0.5, 0.9  # a kNN curve that would say epoch 10: ignored when the probe is there
+    chosen = choose_from_epoch(epochs, losses, knn=knn, probe=probe, probe_num_val=400)
+    assert chosen.epoch == 30 and chosen.knn_epoch == 30
+    assert "live probe's val accuracy is within one standard error of its best from epoch 30" in chosen.reason
+    without = choose_from_epoch(epochs, losses, knn=knn)
+    assert without.knn_epoch == 10
+
+
+def test_after_until_plateau_probe_all_starts_where_the_run_found_its_plateau(tmp_path):
+    """A run's metrics.csv as supcon-train --until plateau writes it (probe columns, the val set size)."""
+    import csv
+
+    rows = []
+    for epoch in range(1, 13):
+        accuracy = min(0.5 + 0.05 * epoch, 0.8) if epoch % 2 == 0 else None
+        rows.append({"epoch": epoch, "loss": 5 - 0.1 * epoch, "probe_accuracy": accuracy,
+                     "probe_num_val": 200 if accuracy is not None else None})
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "loss", "probe_accuracy", "probe_num_val"])
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    chosen = choose_from_run(tmp_path)
+    # probes 60% (epoch 2), 70% (4), 80% (6, 8, 10, 12); one standard error at 80% on 200 images is 2.8 points
+    assert chosen.epoch == 6
