@@ -135,3 +135,17 @@ def test_bench_quality_runs_the_whole_comparison_and_writes_its_table(tmp_path):
                       "--seeds", "0", "--epochs", "3", "--model", "test_resnet", "--small-input", "--size", "16",
                       "--per-class", "12,6,6", "--batch-size", "8", "--jobs", "1", "--val-only", "--no-finetune"])
     assert set(val["cells"][0]["val_accuracy"]) == {"supcon", "ce_scratch"} and "test" not in val["cells"][0]
+
+
+@pytest.mark.slow
+def test_bench_until_compares_the_auto_stopped_run_with_fixed_lengths(tmp_path):
+    bench = load_script("bench_until")
+    report = bench.main(["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--datasets",
+                         "textures", "--seeds", "0", "--length", "6", "--probe-every", "1", "--model", "test_resnet",
+                         "--small-input", "--size", "16", "--per-class", "12,6,6", "--batch-size", "8", "--jobs", "1"])
+    summary = report["summary"]["textures"]
+    assert set(summary["table"]) == {"cosine_3", "cosine_6", "cosine_12", "until_plateau"}
+    assert [summary["table"][n]["epochs"] for n in ("cosine_3", "cosine_6", "cosine_12")] == [[3], [6], [12]]
+    assert 3 <= summary["auto_median_epochs"] <= 24  # the ceiling is 4L
+    assert summary["best_fixed"] in {"cosine_3", "cosine_6", "cosine_12"} and 0 <= summary["mcnemar_p"] <= 1
+    assert (tmp_path / "out").glob("until_*.md")
