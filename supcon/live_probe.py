@@ -7,7 +7,8 @@ on the val folder: val accuracy with its 95% Wilson interval, and val cross-entr
 are the kNN monitor's (one encoder pass serves both when they fall on the same epoch).
 
 The result goes to ``metrics.csv`` (``probe_accuracy``, ``probe_low``, ``probe_high``,
-``probe_loss``, ``probe_num_val``), TensorBoard (``monitor/probe_accuracy``), the epoch's log line and the checkpoint
+``probe_loss``, ``probe_num_val``, ``probe_seconds``: the fit, plus the encoder pass when the kNN
+monitor did not need it anyway), TensorBoard (``monitor/probe_accuracy``), the epoch's log line and the checkpoint
 saved at that epoch (``live_probe``), where ``probe-all`` finds it; ``--until plateau`` decides on it
 (:mod:`supcon.stopping`).
 """
@@ -24,7 +25,7 @@ from supcon.logistic import fit_logistic_regression
 from supcon.metrics import wilson_interval
 
 #: The metrics.csv columns of the live probe (empty on epochs without one).
-PROBE_FIELDS = ["probe_accuracy", "probe_low", "probe_high", "probe_loss", "probe_num_val"]
+PROBE_FIELDS = ["probe_accuracy", "probe_low", "probe_high", "probe_loss", "probe_num_val", "probe_seconds"]
 
 
 @dataclass
@@ -39,7 +40,7 @@ class LiveProbe:
     num_train: int
     num_val: int
     c: float
-    seconds: float
+    seconds: float  # the fit (the trainer adds the encoder pass when it was made for the probe alone)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +48,7 @@ class LiveProbe:
     def row(self) -> dict[str, float]:
         return {"probe_accuracy": round(self.val_accuracy, 6), "probe_low": round(self.val_low, 6),
                 "probe_high": round(self.val_high, 6), "probe_loss": round(self.val_loss, 6),
-                "probe_num_val": self.num_val}
+                "probe_num_val": self.num_val, "probe_seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
         return (f"probe {100 * self.val_accuracy:.1f}% [{100 * self.val_low:.1f}, {100 * self.val_high:.1f}] "

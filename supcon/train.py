@@ -383,12 +383,16 @@ class SupConTrainer:
         probe_due = bool(config.probe_every) and (epoch_done % config.probe_every == 0 or epoch_done == last_epoch)
         self.probe = None
         if self.knn_loaders is not None and (knn_due or probe_due):
+            started = time.perf_counter()
             features = self._monitor_features()
+            encoding = time.perf_counter() - started
             if knn_due:
                 row["knn_accuracy"] = round(self._knn_monitor(*features), 6)
             if probe_due and features[2] is not None:
                 self.probe = live_probe(epoch_done, *features, len(self.index.classes), config.probe_max_images,
                                         config.seed)
+                if not knn_due:  # the encoder pass was for the probe alone: its cost too
+                    self.probe.seconds += encoding
                 row.update(self.probe.row())
         knn_text = f" kNN {row['knn_accuracy']:.4f}" if row["knn_accuracy"] is not None else ""
         probe_text = f" {self.probe.summary()}" if self.probe is not None else ""

@@ -149,3 +149,16 @@ def test_bench_until_compares_the_auto_stopped_run_with_fixed_lengths(tmp_path):
     assert 3 <= summary["auto_median_epochs"] <= 24  # the ceiling is 4L
     assert summary["best_fixed"] in {"cosine_3", "cosine_6", "cosine_12"} and 0 <= summary["mcnemar_p"] <= 1
     assert (tmp_path / "out").glob("until_*.md")
+
+
+@pytest.mark.slow
+def test_bench_live_probe_reports_the_probe_time_against_the_training_time(tmp_path):
+    bench = load_script("bench_live_probe")
+    report = bench.main(["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--demo-epochs", "4",
+                         "--demo-model", "test_resnet", "--large-epochs", "2", "--large-images", "12",
+                         "--large-size", "32", "--large-model", "test_resnet", "--large-batch-size", "4",
+                         "--threads", "1"])
+    assert report["demo"]["probes"] == 4 and report["large"]["probes"] == 2  # every 1 (4 // 4) and every epoch
+    assert 0 < report["demo"]["overhead"] < 10 and report["large"]["seconds_per_probe"] > 0
+    assert report["large"]["overhead_at_default_save_freq"] == pytest.approx(
+        report["large"]["seconds_per_probe"] / (50 * report["large"]["seconds_per_epoch"]))
