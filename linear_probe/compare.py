@@ -118,8 +118,8 @@ class Verdict:
     def sentence(self) -> str:
         tie = " (within noise)" if self.outcome == "ties with" else ""
         return (f"{self.run} ({100 * self.accuracy:.2f}%) {self.outcome} the best supervised run {self.rival} "
-                f"({100 * self.rival_accuracy:.2f}%){tie}: McNemar p={self.p_value:.3g}, {self.only_this} test images "
-                f"only it gets right, {self.only_rival} only {self.rival}.")
+                f"({100 * self.rival_accuracy:.2f}%){tie}: McNemar's exact test on accuracy p={self.p_value:.3g}, "
+                f"{self.only_this} test images only it gets right, {self.only_rival} only {self.rival}.")
 
     def to_dict(self) -> dict:
         return {"run": self.run, "rival": self.rival, "outcome": self.outcome, "accuracy": self.accuracy,
