@@ -102,10 +102,16 @@ class Cell:
 
 
 def export(name: str, root: Path, args: argparse.Namespace) -> Path:
-    if name == "digits":
-        return export_digits(root, size=args.size, train_per_class=args.digits_train_per_class)
-    per_class = tuple(int(v) for v in args.per_class.split(","))
-    return export_patch_set(root, name, size=args.size, per_class=per_class)
+    """Write (or reuse) one image set; a lock beside it lets several benchmarks share one workdir."""
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if name == "digits":
+            return export_digits(root, size=args.size, train_per_class=args.digits_train_per_class)
+        per_class = tuple(int(v) for v in args.per_class.split(","))
+        return export_patch_set(root, name, size=args.size, per_class=per_class)
 
 
 def command_path(name: str) -> str:
