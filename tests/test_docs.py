@@ -23,8 +23,8 @@ DOCS = REPO / "docs"
 README = REPO / "README.md"
 README_LIMIT_BYTES = 15 * 1024
 #: The markdown files whose relative links must resolve: the README, the site's pages, the folders' READMEs.
-LINKED_FILES = sorted([README, *DOCS.rglob("*.md"),
-                       *(p for p in REPO.glob("*/README.md") if p.parent.name in ("supcon", "linear_probe", "benchmarks"))])
+FOLDER_READMES = [REPO / folder / "README.md" for folder in ("supcon", "linear_probe", "benchmarks")]
+LINKED_FILES = sorted([README, *DOCS.rglob("*.md"), *(p for p in FOLDER_READMES if p.exists())])
 #: What a default cell says for the loader processes, whose default is computed from the machine.
 CORES_RULE = "min(8, cores)"
 
