@@ -11,7 +11,8 @@ Modules, in the order data flows through them:
 - ``probe``: training one linear head on frozen features, validating every head epoch.
 - ``plateau``: ``--from auto``, the first epoch where the loss curve has plateaued.
 - ``probe_all``: the ``probe-all`` pipeline over a run's checkpoints.
-- ``select``: a run's (checkpoint, head) chosen on validation: ``within-noise`` (default) or ``max-val-acc``.
+- ``select``: a run's (checkpoint, head) chosen on validation: ``trend`` (default), ``within-noise`` or
+  ``max-val-acc``.
 - ``compare``: paired comparison of runs on the same test images (McNemar, paired F1 bootstrap).
 - ``check``: the ``check-accuracies`` pipeline over runs.
 - ``report``: CSV / markdown tables and PNG plots.

@@ -1,7 +1,7 @@
 """``check-accuracies``: each run's best (checkpoint, head) by validation, evaluated once on test.
 
 For a SupCon run the choice is made by :func:`linear_probe.select.select` (``--select``, default
-``within-noise``) from the probe records alone (val accuracies and losses) before the test folder
+``trend``) from the probe records alone (val accuracies and losses) before the test folder
 is read. A baseline run (``run_info.kind: baseline``) is evaluated by
 ``supcon.baseline.evaluate.predict_run``, which selected its best-by-val epoch during training. All
 runs are evaluated before any file is written, so a bad input anywhere leaves every run untouched.

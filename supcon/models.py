@@ -105,7 +105,7 @@ def build_encoder(
         small_input: 3x3 stride-1 stem without max-pool, for tiny images.
         zero_init_last: timm's default for ResNets zero-initialises the last BatchNorm of each
             residual block. From scratch under SupCon this makes the embedding collapse in the
-            first steps (see README, "Training health"); we default it to False.
+            first steps (see docs/concepts/training-health.md); we default it to False.
         pretrained_file: a local weights file to load into the encoder instead of downloading.
         sync_bn: convert BatchNorm layers to SyncBatchNorm (multi-GPU).
 
@@ -158,8 +158,8 @@ class ProjectionHead(nn.Module):
 
     ``batch_norm=False`` gives the SupCon reference head (Linear, ReLU, Linear). The BatchNorm (as in
     SimCLR v2 / MoCo v3 heads) keeps every hidden unit spread over the batch, which stops the
-    projections collapsing to one point early in training from scratch (measured: README, "Training
-    health"). The head is dropped for probing, so this changes nothing downstream.
+    projections collapsing to one point early in training from scratch (measured:
+    docs/benchmarks/training-health.md). The head is dropped for probing, so this changes nothing downstream.
     """
 
     def __init__(self, dim_in: int, feat_dim: int = 128, batch_norm: bool = True):
