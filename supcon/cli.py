@@ -31,11 +31,13 @@ D = TrainConfig()
 @click.option("--small-input/--no-small-input", "small_input", default=D.small_input, show_default=True,
               help="3x3 stride-1 stem without max-pool, for tiny (e.g. 32 px) images.")
 @click.option("--zero-init-last/--no-zero-init-last", "zero_init_last", default=D.zero_init_last, show_default=True,
-              help="timm's zero init of each residual block's last BN (collapses SupCon from scratch; see docs/concepts/training-health.md).")
+              help="timm's zero init of each residual block's last BN (collapses SupCon from scratch; see "
+                   "docs/concepts/training-health.md).")
 @click.option("--feat-dim", "--feat_dim", "feat_dim", type=int, default=D.feat_dim, show_default=True,
               help="Projection output size.")
 @click.option("--head-bn/--no-head-bn", "head_bn", default=D.head_bn, show_default=True,
-              help="BatchNorm after the projection head's hidden layer (avoids the early collapse; see docs/concepts/training-health.md).")
+              help="BatchNorm after the projection head's hidden layer (avoids the early collapse; see "
+                   "docs/concepts/training-health.md).")
 @click.option("--method", type=click.Choice(["supcon", "simclr"], case_sensitive=False), default=D.method,
               show_default=True, help="supcon uses the labels; simclr ignores them.")
 @click.option("--temp", type=float, default=D.temp, show_default=True, help="Loss temperature.")
@@ -51,7 +53,8 @@ D = TrainConfig()
               help="Images per process per step (each gives 2 views).")
 @click.option("--chunk-size", "chunk_size", type=int,
               help="Images per forward pass (exact gradient caching): the loss still sees the whole --batch-size, "
-                   "BatchNorm sees chunk statistics (see docs/guides/large-contrastive-batches.md) [default: the whole batch].")
+                   "BatchNorm sees chunk statistics (see docs/guides/large-contrastive-batches.md) "
+                   "[default: the whole batch].")
 @click.option("--memory-size", type=int, default=D.memory_size, show_default=True,
               help="Cross-batch memory: contrast against the last N projections (views) of earlier steps "
                    "(0: off).")

@@ -59,8 +59,8 @@ def test_fine_tune_starts_from_the_selected_supcon_encoder(supcon_run, image_roo
     # one verdict per SupCon-based run, against the supervised run from scratch
     verdicts = [line for line in table.stdout.splitlines() if "the best supervised run scratch" in line]
     assert len(verdicts) == 2 and {line.split(" (")[0] for line in verdicts} == {"- tiny_run", "- ft"}
-    assert all(any(w in line for w in ("beats", "ties with", "loses to")) and "McNemar's exact test on accuracy p=" in line
-               for line in verdicts)
+    assert all(any(w in line for w in ("beats", "ties with", "loses to"))
+               and "McNemar's exact test on accuracy p=" in line for line in verdicts)
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics["verdict"]["rival"] == "scratch" and len(metrics["predictions"]) == len(metrics["labels"]) == 18
 
