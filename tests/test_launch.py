@@ -211,6 +211,7 @@ for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids
 trap 'echo "srun: TERM" >> "$FAKE_LOG"; kill -TERM "${pids[@]}" 2>/dev/null' TERM
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+wait  # a TERM cuts one of the waits above short: until every node is done
 exit $status
 """
 FAKE_SCONTROL = r"""#!/bin/bash
