@@ -53,6 +53,14 @@ def _state_position(state: dict[str, Any]) -> tuple[int, int]:
     return int(state.get("epoch", 0)), int(epoch_state.get("steps_done", 0) or 0)
 
 
+def _same_bytes(path: Path, other: Path) -> bool:
+    """True when both files hold the same bytes; False when ``path`` is gone (e.g. deleted by ``--keep-last``)."""
+    try:
+        return path.stat().st_size == other.stat().st_size and file_sha256(path) == file_sha256(other)
+    except FileNotFoundError:
+        return False
+
+
 def find_checkpoints(run_dir: str | os.PathLike, from_epoch: int = 0,
                      to_epoch: int | None = None) -> list[CheckpointRef]:
     """The run's checkpoints with ``from_epoch <= backbone epoch <= to_epoch``, oldest first.
@@ -70,10 +78,7 @@ def find_checkpoints(run_dir: str | os.PathLike, from_epoch: int = 0,
     last_path = run_dir / LAST
     last_note = ""
     if last_path.is_file():
-        last_size = last_path.stat().st_size
-        duplicate = any(
-            p.stat().st_size == last_size and file_sha256(p) == file_sha256(last_path) for p in numbered.values()
-        )
+        duplicate = any(_same_bytes(p, last_path) for p in numbered.values())
         if not duplicate:
             epoch, steps = _state_position(load_supcon_checkpoint(last_path))
             refs.append(CheckpointRef(LAST, last_path, epoch, steps))

@@ -83,6 +83,8 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
     click.echo(result.table_markdown)
     if result.corrupt:
         click.echo(f"not probed, unreadable (corrupt or truncated; left as they are): {', '.join(result.corrupt)}")
+    if result.gone:
+        click.echo(f"not probed, deleted while probe-all ran (a training's --keep-last): {', '.join(result.gone)}")
     if result.records:
         from linear_probe.select import DEFAULT_RULE, select
 

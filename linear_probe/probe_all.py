@@ -55,7 +55,7 @@ from linear_probe.probe import HeadSettings, settings_key, train_linear_head
 from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
 from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
 from linear_probe.select import Selection, select
-from supcon.checkpoint import CorruptCheckpoint, FileStamp, atomic_write_text
+from supcon.checkpoint import CorruptCheckpoint, FileStamp, MissingCheckpoint, atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
 from supcon.frozen import build_frozen_encoder, resolve_device
@@ -82,6 +82,14 @@ class ProbeAllResult:
     table_markdown: str = ""
     files: dict[str, Path] = field(default_factory=dict)
     corrupt: list[str] = field(default_factory=list)  # checkpoints that could not be read, left as they are
+    gone: list[str] = field(default_factory=list)  # listed, then deleted before they were read (--keep-last)
+
+
+def _note_gone(ref: CheckpointRef, gone: list[str]) -> None:
+    """A checkpoint deleted after it was listed (a running training's ``--keep-last``): skipped, not an error."""
+    logger.warning("skipping %s: it was deleted after probe-all listed it (a running training's --keep-last deletes "
+                   "older checkpoints)", ref.name)
+    gone.append(ref.name)
 
 
 @dataclass
@@ -126,6 +134,7 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
     todo: list[tuple[CheckpointRef, FileStamp]] = []
     skipped: list[str] = []
     corrupt: list[str] = []
+    gone: list[str] = []
     for ref in refs:
         head_path = run.probe_dir / HEADS_DIR / head_file_name(ref.name, data.settings_key)
         if not config.force and head_path.is_file() and load_head_record(head_path).checkpoint_stamp.matches(ref.path):
@@ -134,13 +143,17 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
         # Check every checkpoint before probing any, so a bad one leaves the run untouched.
         try:
             state = load_supcon_checkpoint(ref.path)
+            stamp = FileStamp.of(ref.path)
         except CorruptCheckpoint as exc:  # listed and left as it is; the others are still worth probing
             logger.warning("skipping %s: %s", ref.name, exc)
             corrupt.append(ref.name)
             continue
+        except (MissingCheckpoint, FileNotFoundError):
+            _note_gone(ref, gone)
+            continue
         check_checkpoint(state, ref.path, run.model_config, data.class_names)
         build_frozen_encoder(state, ref.path)
-        todo.append((ref, FileStamp.of(ref.path)))
+        todo.append((ref, stamp))
     if skipped:
         logger.info("skipping %d checkpoint(s) already probed with these settings (--force re-probes): %s",
                     len(skipped), ", ".join(skipped))
@@ -148,19 +161,23 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
         raise UserError(f"every checkpoint in range is corrupt or truncated ({', '.join(corrupt)}); nothing to probe")
     # One probe-all per run at a time: two would race on the heads, the tables and the feature cache.
     with RunLock(run.probe_dir, f"the probe results of run {run_dir}"):
-        probed = _probe_checkpoints(run, data, todo, progress)
+        probed = _probe_checkpoints(run, data, todo, progress, gone)
         records, markdown, files = _write_results(run, auto)
-    return ProbeAllResult(run_dir, run.probe_dir, records, probed, skipped, auto, markdown, files, corrupt)
+    return ProbeAllResult(run_dir, run.probe_dir, records, probed, skipped, auto, markdown, files, corrupt, gone)
 
 
 def _probe_checkpoints(run: RunInfo, data: _ProbeData, todo: list[tuple[CheckpointRef, FileStamp]],
-                       progress: bool) -> list[str]:
-    """Probe each checkpoint of ``todo`` and save its head; returns their names."""
+                       progress: bool, gone: list[str]) -> list[str]:
+    """Probe each checkpoint of ``todo`` and save its head; returns their names (``gone``: those deleted meanwhile)."""
     from tqdm.auto import tqdm
 
     probed = []
     for ref, stamp in tqdm(todo, desc="checkpoints", disable=not progress, leave=False):
-        record, state_dict, final_state_dict = probe_checkpoint(ref, stamp, data, progress)
+        try:
+            record, state_dict, final_state_dict = probe_checkpoint(ref, stamp, data, progress)
+        except MissingCheckpoint:
+            _note_gone(ref, gone)
+            continue
         save_head(run.probe_dir, record, state_dict, final_state_dict)
         probed.append(ref.name)
         chosen = (f"C {record.regularization_c:g} (L-BFGS)" if record.regularization_c is not None
@@ -222,6 +239,8 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
     weights and the final head's."""
     start = time.perf_counter()
     state = load_supcon_checkpoint(ref.path)
+    if not ref.path.exists():
+        raise MissingCheckpoint(f"checkpoint not found: {ref.path}")
     if not stamp.matches(ref.path):  # e.g. a last.pth that a running training replaced meanwhile
         raise UserError(f"{ref.path} changed while probe-all was running; run it again")
     device, config, settings = data.device, data.config, data.settings

@@ -69,6 +69,10 @@ class CorruptCheckpoint(UserError):
     """A file that cannot be read back: truncated, or damaged bytes (not an unsafe one)."""
 
 
+class MissingCheckpoint(UserError):
+    """A checkpoint that is not there (any more: e.g. deleted by a training's ``--keep-last`` meanwhile)."""
+
+
 def _damaged_member(path: Path) -> str | None:
     """The first entry of a zip-format checkpoint whose bytes fail their CRC (None when all pass).
 
@@ -90,17 +94,20 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     """Load a checkpoint with ``weights_only=True``; refuse anything else with a one-line error.
 
     Raises:
-        UserError: missing file, or a file that would need arbitrary unpickling (nothing in it runs).
+        UserError: a file that would need arbitrary unpickling (nothing in it runs).
+        MissingCheckpoint: no such file (also when it is deleted while being read).
         CorruptCheckpoint: a truncated/corrupt file.
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise MissingCheckpoint(f"checkpoint not found: {path}")
     damaged = _damaged_member(path)
     if damaged:
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt: damaged bytes in {damaged} (CRC mismatch)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise MissingCheckpoint(f"checkpoint not found: {path}")
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):

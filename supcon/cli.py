@@ -127,6 +127,9 @@ D = TrainConfig()
 @click.option("--collapse-patience", type=int, default=D.collapse_patience, show_default=True,
               help="Epochs at the collapsed loss before warning.")
 @click.option("--stop-on-collapse", is_flag=True, help="End the run (exit 3) when the collapse warning fires.")
+@click.option("--dist-timeout", type=float, default=D.dist_timeout, show_default=True, metavar="SECONDS",
+              help="Several processes: how long a collective may wait for the others; then the run ends, naming a "
+                   "process that stopped answering (may differ on --resume).")
 @click.option("--log-every", type=int, default=D.log_every, show_default=True,
               help="Steps between progress updates (and device syncs).")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML file of options; the command line wins.")

@@ -17,12 +17,13 @@ from typing import Any
 import yaml
 
 from supcon.errors import UserError
+from supcon.launch import DEFAULT_DIST_TIMEOUT
 
 #: Options that may differ between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset(
     {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names", "stop_on_collapse",
      "collapse_patience", "keep_last", "allow_data_change", "compile", "grad_checkpointing", "log_every", "knn_every",
-     "dataset", "probe_every", "probe_max_images"}
+     "dataset", "probe_every", "probe_max_images", "dist_timeout"}
 )
 #: Runtime options that decide where a ``--until plateau`` run stops: they may not change on its resumption.
 PLATEAU_KEYS = frozenset({"probe_every", "probe_max_images"})
@@ -151,6 +152,7 @@ class TrainConfig:
     knn_temperature: float = 0.07
     collapse_patience: int = 3
     stop_on_collapse: bool = False
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT
 
     def validate(self) -> None:
         """Check values that would otherwise fail deep inside training.
@@ -195,6 +197,8 @@ class TrainConfig:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.keep_last < 0:
             raise UserError(f"--keep-last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout >= 1):
+            raise UserError(f"--dist-timeout must be at least 1 (seconds), got {self.dist_timeout}")
         self.mean = parse_triplet(self.mean, "mean")
         self.std = parse_triplet(self.std, "std")
         self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "lr-decay-epochs")

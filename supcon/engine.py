@@ -14,22 +14,35 @@ import errno
 import io
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from supcon.checkpoint import CorruptCheckpoint, atomic_write_bytes, atomic_write_text
 from supcon.config import config_differences
 from supcon.errors import UserError
+from supcon.heartbeat import Heartbeat, beat_interval
+from supcon.launch import (
+    DEFAULT_DIST_TIMEOUT,
+    check_not_alone,
+    launch_facts,
+    launch_id,
+    launched_world_size,
+    max_restarts,
+    restart_count,
+)
 from supcon.rundir import (
     CONFIG_FILE,
     DATA_LISTING,
@@ -65,23 +78,45 @@ def default_precision() -> str:
     return "fp32"
 
 
-def launched_world_size() -> int:
-    """The number of processes the launcher (torchrun, accelerate launch) started; 1 when run alone."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(precision: str, dist_timeout: float = DEFAULT_DIST_TIMEOUT) -> Accelerator:
     """An Accelerator for ``precision``; CPU-only multi-process runs join a gloo group.
 
     Without ``cpu=True``, ``Accelerator()`` under ``torchrun`` on a CPU-only host leaves each
-    process on its own, which would silently train N independent models.
+    process on its own, which would silently train N independent models. ``dist_timeout``: seconds a
+    collective may wait for the other processes before it fails.
+
+    Raises:
+        UserError: fp16 without a GPU, or a process that a launcher meant as one of several but that
+            is alone (:func:`supcon.launch.check_not_alone`) or joined no process group.
     """
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
+    check_not_alone()
+    launched = launched_world_size()
     kwargs: dict[str, Any] = {}
-    if launched_world_size() > 1 and not torch.cuda.is_available():
-        kwargs["cpu"] = True
-    return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision], **kwargs)
+    if launched > 1:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
+        if not torch.cuda.is_available():
+            kwargs["cpu"] = True
+    accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision], **kwargs)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UserError(f"the launcher started {launched} processes, but this one joined a group of "
+                        f"{accelerator.num_processes}: it would train a model of its own; check the launch line")
+    return accelerator
+
+
+def split_global_batch(global_batch: int, processes_before: int, processes: int, run_dir: Path) -> int:
+    """The per-process batch that keeps a run's ``global_batch`` on ``processes`` processes.
+
+    Raises:
+        UserError: ``processes`` do not divide the global batch (names the numbers of processes that do).
+    """
+    if global_batch % processes == 0:
+        return global_batch // processes
+    fitting = [n for n in range(1, global_batch + 1) if global_batch % n == 0][:6]
+    raise UserError(f"run dir {run_dir} trains a global batch of {global_batch} ({global_batch // processes_before} "
+                    f"x {processes_before} processes), which {processes} processes cannot split evenly; resume it "
+                    f"on a number of processes that divides {global_batch} (e.g. {', '.join(map(str, fitting))})")
 
 
 def exit_code(interrupted_by: int | None) -> int:
@@ -160,6 +195,12 @@ def _peer_gone(exc: BaseException) -> bool:
         marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """True for the error a collective raises after waiting ``--dist-timeout`` (gloo: ``Timed out waiting ...``)."""
+    return isinstance(exc, (RuntimeError, torch.distributed.DistError)) and bool(
+        re.search(r"timed out|timeout", str(exc), flags=re.IGNORECASE))
+
+
 def free_bytes(folder: Path) -> int:
     """Free bytes on the filesystem of ``folder`` (or of its nearest existing parent)."""
     folder = Path(folder).absolute()
@@ -234,12 +275,18 @@ class RunEngine:
     Args:
         precision: ``fp32``, ``bf16`` or ``fp16``.
         progress: show progress bars (main process only).
+        dist_timeout: seconds a collective may wait for the other processes (several processes only).
     """
 
-    def __init__(self, precision: str, progress: bool = True):
-        self.accelerator = make_accelerator(precision)
+    def __init__(self, precision: str, progress: bool = True, dist_timeout: float = DEFAULT_DIST_TIMEOUT):
+        self.accelerator = make_accelerator(precision, dist_timeout)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
+        self.dist_timeout = dist_timeout
+        self.heartbeat: Heartbeat | None = None
+        if self.world > 1:
+            self.heartbeat = Heartbeat(self.accelerator.process_index, self.world, beat_interval(dist_timeout))
+            self.heartbeat.start()
         self.on_gpu = self.accelerator.device.type == "cuda"
         self.progress = progress
         self.run_dir: Path | None = None
@@ -253,6 +300,7 @@ class RunEngine:
         self._set_aside: dict[str, Path] = {}  # checkpoints that did not load, moved aside before being overwritten
         self._listing: list[str] | None = None
         self._data_change: dict[str, Any] | None = None
+        self._process_change: dict[str, Any] | None = None
 
     @property
     def device_name(self) -> str:
@@ -264,10 +312,13 @@ class RunEngine:
         """``run_dir``, else a new timestamped one (the main process's, on every process).
 
         Raises:
-            UserError: ``resume`` without ``run_dir``.
+            UserError: ``resume`` without ``run_dir``, or torchrun's ``--max-restarts`` without ``run_dir``.
         """
         if resume and not run_dir:
             raise UserError("--resume needs --run-dir (the run to continue)")
+        if max_restarts() and not run_dir:
+            raise UserError(f"torchrun --max-restarts {max_restarts()} restarts the processes after a failure: pass "
+                            "--run-dir, so that the restarted processes find the run they continue")
         if run_dir:
             self.run_dir = Path(run_dir)
         else:
@@ -296,7 +347,9 @@ class RunEngine:
                 break
 
     def close(self) -> None:
-        """Release the run directory; a run that wrote nothing leaves no lock file or folder behind."""
+        """Stop the heartbeat; release the run directory (a run that wrote nothing leaves no lock file or folder)."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self._lock is None:
             return
         lock, self._lock = self._lock, None
@@ -323,6 +376,55 @@ class RunEngine:
         if outcome[0] == "error":
             raise UserError(outcome[1])
         return outcome[1]
+
+    def resume_wanted(self, resume: bool) -> bool:
+        """``resume``, or True when torchrun's elastic agent restarted the launch that wrote the run (logged).
+
+        A restarted process (``TORCHELASTIC_RESTART_COUNT`` > 0) continues the run as ``--resume`` would,
+        unless the run directory records another launch id (then it was not this launch's run: the
+        restart does what the command line says).
+        """
+        restart = restart_count()
+        if resume or not restart:
+            return resume
+        return self.agree(lambda: self._restart_resumes(restart))
+
+    def _restart_resumes(self, restart: int) -> bool:
+        if (self.run_dir / CONFIG_FILE).is_file():
+            _, run_info = split_config(read_config(self.run_dir))
+            written_by = (run_info.get("launch") or {}).get("launch_id")
+            if written_by != launch_id():
+                logger.warning("torchrun restart %d: %s was written by another launch (id %s; this one: %s), so it "
+                               "is not resumed without --resume", restart, self.run_dir, written_by, launch_id())
+                return False
+        logger.warning("torchrun restarted the processes (restart %d of at most %d): resuming %s from its last state",
+                       restart, max_restarts(), self.run_dir)
+        return True
+
+    def per_process_batch(self, recorded: RecordedRun | None, batch_size: int) -> int:
+        """This session's per-process batch: ``batch_size``, or, resuming on another number of processes, the run's
+        global batch split over the processes now (logged; recorded by :meth:`session_facts`).
+
+        The global batch sets the learning rate, the steps per epoch and which images a step draws, so
+        keeping it keeps the run; ``batch_size`` must be the run's (or already the split one).
+
+        Raises:
+            UserError: the processes now cannot split the global batch evenly.
+        """
+        info = recorded.run_info if recorded else {}
+        before, global_batch = info.get("num_processes"), info.get("global_batch")
+        if before in (None, self.world) or global_batch is None:
+            return batch_size
+        if batch_size not in (recorded.options.get("batch_size"), global_batch // self.world):
+            return batch_size  # another batch: refuse_changes names the difference
+        now = split_global_batch(global_batch, before, self.world, self.run_dir)
+        logger.warning("resuming %s on %d process%s (it trained on %d): its global batch of %d is kept, %d per process "
+                       "(was %d); the learning rate, the steps per epoch and the place in the epoch are unchanged",
+                       self.run_dir, self.world, "" if self.world == 1 else "es", before, global_batch, now,
+                       global_batch // before)
+        self._process_change = {"processes_before": before, "processes_now": self.world,
+                                "batch_size_before": global_batch // before, "batch_size_now": now}
+        return now
 
     def open_existing(self, resume: bool) -> RecordedRun | None:
         """Refuse to overwrite a run; on ``resume`` return what it recorded (None for a new run).
@@ -353,19 +455,21 @@ class RunEngine:
         """
         if recorded is None:
             return
+        if self._process_change:  # the per-process batch was adapted to keep the global one
+            ignore = ignore | {"batch_size"}
         diffs = config_differences(recorded.options, requested, ignore=ignore, defaults=defaults)
         if diffs:
             details = ", ".join(f"{k}: run has {recorded.options.get(k)!r}, now {requested.get(k)!r}"
                                 for k in diffs[:4])
             raise UserError(f"run dir {self.run_dir} was started with a different configuration ({details})")
-        # Another number of processes changes the global batch, hence the LR, the steps per epoch and
-        # what a mid-epoch position means.
+        # Another global batch changes the LR, the steps per epoch and what a mid-epoch position means
+        # (per_process_batch keeps it across another number of processes).
         recorded_batch = recorded.run_info.get("global_batch")
         if recorded_batch is not None and recorded_batch != global_batch:
             raise UserError(
                 f"run dir {self.run_dir} was trained with a global batch of {recorded_batch}, now {global_batch} "
-                f"({batch_size} x {global_batch // batch_size} processes); resume it with the same number of "
-                "processes")
+                f"({batch_size} x {self.world} processes); resume it with --batch-size "
+                f"{recorded.options.get('batch_size')} as it started")
 
     def last_state(self, load: Callable[[Path], dict[str, Any]], recorded: RecordedRun | None = None
                    ) -> dict[str, Any] | None:
@@ -558,6 +662,16 @@ class RunEngine:
         facts: dict[str, Any] = {"data_fingerprint": listing_fingerprint(self._listing)}
         return {**facts, "data_changes": changes} if changes else facts
 
+    def session_facts(self, recorded: RecordedRun | None, start_epoch: int) -> dict[str, Any]:
+        """``run_info`` entries of this session: the training images' (:meth:`data_facts`), how it was launched
+        (``launch``) and the changes of the number of processes so far (``process_changes``)."""
+        backend = self.accelerator.state.backend if self.world > 1 else None
+        facts = {**self.data_facts(recorded), "launch": launch_facts(self.world, backend, self.dist_timeout)}
+        changes = list(recorded.run_info.get("process_changes") or []) if recorded else []
+        if self._process_change:
+            changes.append({"epoch": start_epoch, **self._process_change})
+        return {**facts, "process_changes": changes} if changes else facts
+
     # --- the epoch loop ---------------------------------------------------------------------------------------
 
     def run_epochs(self, trainer: EpochTrainer, start_epoch: int, epochs: int, sync_every: int = 10,
@@ -570,6 +684,19 @@ class RunEngine:
         self.stop.install()
         try:
             return self._loop(trainer, start_epoch, epochs, sync_every, resume_step, steps_per_epoch)
+        finally:
+            self.stop.restore()
+            if self.sinks is not None:
+                self.sinks.close()
+
+    @contextmanager
+    def failures_as_messages(self) -> Iterator[None]:
+        """Turn what ends a run from outside into one-line errors: a full disk, a peer that exited, a timeout.
+
+        A process whose own code failed keeps its traceback (a bug), after one line naming the process.
+        """
+        try:
+            yield
         except OSError as exc:
             if exc.errno in DISK_FULL_ERRNOS:
                 raise self.disk_full_error(exc) from None
@@ -579,19 +706,31 @@ class RunEngine:
         except Exception as exc:
             if self.world == 1:
                 raise
+            where = f"process {self.accelerator.process_index} of {self.world}"
+            if _timed_out(exc):
+                raise UserError(self._timeout_message(where)) from None
             if _peer_gone(exc):
                 # a collective failed because another process is gone; that process printed why
-                raise UserError(f"process {self.accelerator.process_index} of {self.world}: stopped because another "
-                                "process of the run stopped (its message is above); the last good checkpoint in "
-                                f"{self.run_dir} is kept") from None
-            logger.error("process %d of %d failed (%s: %s); the launcher stops the others; the last good checkpoint "
-                         "in %s is kept", self.accelerator.process_index, self.world, type(exc).__name__,
-                         str(exc).strip().splitlines()[0] if str(exc).strip() else "", self.run_dir)
+                raise UserError(f"{where}: stopped because another process of the run stopped (its message is "
+                                f"above); the last good checkpoint in {self.run_dir} is kept") from None
+            logger.error("%s failed (%s: %s); the launcher stops the others; the last good checkpoint in %s is kept",
+                         where, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                         self.run_dir)
             raise
-        finally:
-            self.stop.restore()
-            if self.sinks is not None:
-                self.sinks.close()
+
+    def _timeout_message(self, where: str) -> str:
+        """Which peers stopped answering, after a collective waited ``--dist-timeout`` (asks the heartbeats)."""
+        silent = self.heartbeat.silent_peers() if self.heartbeat is not None else {}
+        if silent:
+            names = ", ".join(f"process {rank} (on {host})" for rank, host in sorted(silent.items()))
+            what = f"{names} stopped answering (its heartbeat stopped: the process is stopped or frozen, or cut off)"
+        elif silent is None:
+            what = "the launcher's store does not answer either (the host of the rendezvous may be gone)"
+        else:
+            what = "every process still has a heartbeat, so one is stuck (a hung collective, a stalled file system)"
+        return (f"{where}: waited longer than --dist-timeout {self.dist_timeout:g} s for the others; {what}. The run "
+                f"ends; the last good checkpoint in {self.run_dir} is kept (raise --dist-timeout if a step or a save "
+                "can take that long)")
 
     def _loop(self, trainer: EpochTrainer, start_epoch: int, epochs: int, sync_every: int, resume_step: int,
               steps_per_epoch: int | None) -> LoopOutcome:

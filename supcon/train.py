@@ -581,18 +581,36 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         raise UserError("--grad-checkpointing with --compile is not supported; use one of them")
     if (config.mean is None) != (config.std is None):
         raise UserError("give both --mean and --std, or neither (they are then computed from the data folder)")
-    engine = RunEngine(config.precision or default_precision(), progress)
+    engine = RunEngine(config.precision or default_precision(), progress, config.dist_timeout)
     try:
-        return _train(engine, config, progress)
+        with engine.failures_as_messages():
+            return _train(engine, config, progress)
     finally:
         engine.close()
+
+
+def _open_run(engine: RunEngine, config: TrainConfig) -> tuple[TrainConfig, RecordedRun | None]:
+    """Take the run directory and read what it recorded; whether this session resumes (``--resume``, or a process
+    restarted by torchrun) and its per-process batch (the run's global batch split over the processes now).
+
+    Raises:
+        UserError: the run directory is refused, or ``--chunk-size`` exceeds the per-process batch now.
+    """
+    run_dir = engine.choose_run_dir(config.run_dir, config.resume, config.model, config.batch_size)
+    resume = engine.resume_wanted(config.resume)
+    recorded = engine.open_existing(resume)
+    config = replace(config, resume=resume, batch_size=engine.per_process_batch(recorded, config.batch_size))
+    if config.chunk_size is not None and config.chunk_size > config.batch_size:
+        raise UserError(f"--chunk-size {config.chunk_size} is larger than the {config.batch_size} images per process "
+                        f"of this resume on {engine.world} processes; resume {run_dir} on fewer processes")
+    return config, recorded
 
 
 def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResult:
     if engine.on_gpu:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
-    run_dir = engine.choose_run_dir(config.run_dir, config.resume, config.model, config.batch_size)
-    recorded = engine.open_existing(config.resume)
+    config, recorded = _open_run(engine, config)
+    run_dir = engine.run_dir
     config, facts = resolve_train_config(
         config, precision=config.precision or default_precision(), on_gpu=engine.on_gpu, world_size=engine.world,
         recorded=recorded.options if recorded else None, recorded_info=recorded.run_info if recorded else None)
@@ -623,7 +641,7 @@ def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResul
     engine.keep_last = config.keep_last
     engine.check_disk_space(trainer.checkpoint(start_epoch, trainer.epoch_state), trainer.optimizer,
                             _periodic_saves_to_come(run_dir, config, start_epoch))
-    engine.open_sinks(trainer.options, {**trainer.run_info(bad_images), **engine.data_facts(recorded)},
+    engine.open_sinks(trainer.options, {**trainer.run_info(bad_images), **engine.session_facts(recorded, start_epoch)},
                       METRIC_FIELDS, TENSORBOARD_TAGS, start_epoch)
     trainer.make_loaders()
     outcome = engine.run_epochs(trainer, start_epoch, config.epochs, sync_every=config.log_every,

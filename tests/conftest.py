@@ -78,3 +78,17 @@ def trained_run(tmp_path_factory, train_folder) -> Path:
     result = train(tiny_config(train_folder, run_dir, epochs=4, save_freq=2), progress=False)
     assert result.epochs_done == 4
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def two_process_run(train_folder, tmp_path_factory) -> Path:
+    """The multi-process tests' reference: ``torchrun --standalone --nproc-per-node 2`` on one launcher, 2 epochs."""
+    from tests.launch_helpers import BATCH_ON_TWO, MODEL_ARGS, TORCHRUN, start, wait_all
+
+    folder = tmp_path_factory.mktemp("two_processes")
+    run_dir = folder / "run"
+    log = folder / "train.log"
+    launcher = start([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "supcon.cli", "--data-folder",
+                      train_folder, "--run-dir", run_dir, *MODEL_ARGS, "--batch-size", BATCH_ON_TWO], folder, log)
+    assert wait_all([launcher], timeout=300) == [0], log.read_text()[-3000:]
+    return run_dir

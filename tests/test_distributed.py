@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
+from click.testing import CliRunner
 
+from supcon.cli import train_command
 from supcon.distributed import gather_no_grad, gather_with_grad, is_distributed, rank, world_size
 from supcon.losses import SupConLoss
+from tests.launch_helpers import (
+    BATCH_ON_TWO,
+    MODEL_ARGS,
+    STEPS_PER_EPOCH,
+    TORCHRUN,
+    assert_same_weights,
+    hook_script,
+    launch_env,
+    start,
+    wait_all,
+)
 
 WORLD = 2
 LOCAL_BATCH = 5
@@ -130,3 +144,50 @@ def test_torchrun_two_cpu_processes_train_one_run(train_folder, tmp_path):
     assert len(rows) == 1 + 2
     state = torch.load(run_dir / "last.pth", weights_only=True)
     assert state["epoch"] == 2 and state["global_step"] == 2 * 2
+
+
+# --- resuming on another number of processes (issue 22) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped_on_two(train_folder, tmp_path_factory) -> Path:
+    """A 2-process run preempted (SIGTERM to both) in epoch 2, step 2: its last.pth is mid-epoch."""
+    folder = tmp_path_factory.mktemp("stopped_on_two")
+    run_dir, log = folder / "run", folder / "train.log"
+    env = launch_env(HOOK="sigterm", HOOK_RANK="all", HOOK_AT_STEP=str(STEPS_PER_EPOCH + 2))
+    launcher = start([TORCHRUN, "--standalone", "--nproc-per-node", "2", hook_script(folder), "--data-folder",
+                      train_folder, "--run-dir", run_dir, *MODEL_ARGS, "--batch-size", BATCH_ON_TWO], folder, log, env)
+    assert wait_all([launcher], timeout=300) != [0]  # the workers exit 143 after saving
+    assert "interrupted in epoch 2 at step 2/4" in log.read_text(), log.read_text()[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 4])
+def test_a_two_process_run_resumes_on_another_number_keeping_its_global_batch(train_folder, stopped_on_two,
+                                                                              two_process_run, tmp_path, processes):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_on_two, run_dir)
+    # the same command as before (--batch-size 4), on another number of processes
+    args = ["--data-folder", train_folder, "--run-dir", run_dir, *MODEL_ARGS, "--batch-size", BATCH_ON_TWO, "--resume"]
+    if processes == 1:
+        result = CliRunner().invoke(train_command, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        output = result.output
+    else:
+        log = tmp_path / "train.log"
+        launcher = start([TORCHRUN, "--standalone", "--nproc-per-node", processes, "-m", "supcon.cli", *args],
+                         tmp_path, log)
+        assert wait_all([launcher], timeout=300) == [0], log.read_text()[-3000:]
+        output = log.read_text()
+    per_process = 8 // processes
+    assert (f"resuming {run_dir} on {processes} process{'es' if processes > 1 else ''} (it trained on 2): its global "
+            f"batch of 8 is kept, {per_process} per process (was 4)") in output
+    assert f"resuming {run_dir} in epoch 2 at step 2/4" in output
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    info = config["run_info"]
+    assert info["num_processes"] == processes and info["global_batch"] == 8 and info["steps_per_epoch"] == 4
+    assert config["batch_size"] == per_process and config["learning_rate"] == pytest.approx(0.5 * 8 / 1024)
+    assert info["process_changes"] == [{"epoch": 1, "processes_before": 2, "processes_now": processes,
+                                        "batch_size_before": 4, "batch_size_now": per_process}]
+    assert_same_weights(run_dir, two_process_run)

@@ -1,19 +1,20 @@
 """Faults a multi-day run meets (issue 14, trainer side): each is injected, then the run is checked.
 
-Two processes on one run directory, a damaged ``last.pth``, a full disk, training images changed
-under a run, and (in :mod:`tests.test_faults_distributed`) one failing process of several. The probe
-side (probe-all's lock, damaged checkpoints, the feature cache's hash) is tested in
-``tests/test_probe_all.py`` and ``tests/test_runlock.py``.
+Two processes on one run directory, a damaged ``last.pth``, a full disk (a real one: a size-limited
+tmpfs), training images changed under a run, and (in :mod:`tests.test_faults_distributed`) one failing
+process of several. The probe side (probe-all's lock, damaged checkpoints, a checkpoint deleted by
+``--keep-last`` while it is probed, the feature cache's hash) is tested in ``tests/test_probe_all.py``
+and ``tests/test_runlock.py``.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import re
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,6 @@ from click.testing import CliRunner
 
 import supcon.engine
 from supcon.baseline.cli import baseline_command
-from supcon.checkpoint import _atomic_write
 from supcon.cli import train_command
 from tests.conftest import write_image_folder
 from tests.test_resume import start_pausing_run
@@ -171,35 +171,53 @@ def test_resume_with_no_loadable_checkpoint_is_one_line_and_changes_nothing(data
 # --- 3. a full disk -------------------------------------------------------------------------------------------------
 
 
-def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_the_run_resumes(data, straight, tmp_path,
-                                                                                   monkeypatch):
-    run_dir = tmp_path / "run"
-    saved: dict[str, bytes] = {}
+@pytest.fixture
+def small_disk(tmp_path):
+    """A size-limited tmpfs at ``tmp_path/disk`` and a function that resizes it; unmounted afterwards.
 
-    def write_until_full(payload: bytes, path):
-        if Path(path).name == "last.pth" and (run_dir / "ckpt_epoch_2.pth").exists():
-            saved.update({p.name: p.read_bytes() for p in run_dir.glob("*.pth")})
+    Mounting needs root (as here and in CI); elsewhere the test is skipped, saying why.
+    """
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
 
-            def half_then_enospc(f):
-                f.write(payload[: len(payload) // 2])
-                raise OSError(errno.ENOSPC, "No space left on device")
+    def mount(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["mount", *options, str(mount_point)], capture_output=True, text=True, timeout=30)
 
-            _atomic_write(path, half_then_enospc)  # the real temp-file-and-rename path
-        return _atomic_write(path, lambda f: f.write(payload))
+    try:
+        mounted = mount("-t", "tmpfs", "-o", "size=1m", "tmpfs")
+    except FileNotFoundError:
+        pytest.skip("no mount command: the disk-full test needs a size-limited tmpfs")
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the disk-full test needs root")
 
-    monkeypatch.setattr(supcon.engine, "atomic_write_bytes", write_until_full)
+    def resize(size: int) -> None:
+        assert mount("-o", f"remount,size={size}").returncode == 0
+
+    yield mount_point, resize
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint_and_the_run_resumes(data, straight, small_disk):
+    disk, resize = small_disk
+    run_dir = disk / "run"
+    size = (straight / "last.pth").stat().st_size
+    # Room for ckpt_epoch_1, last.pth, ckpt_epoch_2 and the small files, not for last.pth's temporary copy after
+    # epoch 2 (an atomic write holds the old file and the new one at once).
+    resize(int(3.5 * size) + 512 * 1024)
     result = train(["--data-folder", data, "--run-dir", run_dir, *ARGS])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     error = errors_of(result)[0]
     assert error.startswith(f"Error: disk full writing to {run_dir} (") and " free; one checkpoint needs " in error
     assert f"continue with --resume --run-dir {run_dir}" in error and "Traceback" not in result.output
-    assert {p.name: p.read_bytes() for p in run_dir.glob("*.pth")} == saved  # last.pth: epoch 1, byte for byte
+    assert sorted(p.name for p in run_dir.glob("*.pth")) == ["ckpt_epoch_1.pth", "ckpt_epoch_2.pth", "last.pth"]
+    assert (run_dir / "last.pth").read_bytes() == (run_dir / "ckpt_epoch_1.pth").read_bytes()  # epoch 1, whole
     assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 1
     assert list(run_dir.glob(".*.tmp")) == []  # the half-written temporary file is gone
-    monkeypatch.undo()  # space freed
+    resize(8 * size)  # space freed
 
     result = train(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume"])
     assert result.exit_code == 0, result.output
+    assert f"resuming {run_dir} at epoch 2 (1 of 4 epochs done)" in result.output
     assert_same_weights(run_dir / "last.pth", straight / "last.pth")
 
 

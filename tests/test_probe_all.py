@@ -267,6 +267,34 @@ def test_truncated_checkpoint_is_listed_left_alone_and_the_others_probed(run_cop
     assert bad.read_bytes() == damaged  # never overwritten or deleted
 
 
+@pytest.mark.parametrize("deleted", ["after listing", "after checking"])
+def test_a_checkpoint_deleted_by_keep_last_while_probe_all_runs_is_skipped_with_a_note(run_copy, monkeypatch,
+                                                                                      deleted):
+    """--keep-last of a running training deletes ckpt_epoch_2.pth between two reads of probe-all."""
+    import linear_probe.probe_all as probe_all_module
+
+    victim = run_copy / "ckpt_epoch_2.pth"
+    hooked = "find_checkpoints" if deleted == "after listing" else "probe_checkpoint"
+    original = getattr(probe_all_module, hooked)
+
+    def deleting(*args, **kwargs):
+        if deleted == "after listing":
+            listed = original(*args, **kwargs)
+            victim.unlink()  # what the training's --keep-last does at that moment
+            return listed
+        victim.unlink(missing_ok=True)  # probe_checkpoint is called per checkpoint, the deleted one first
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe_all_module, hooked, deleting)
+    result = invoke(probe_all_command, ["--run", run_copy, "--num-workers", "0", "--quiet", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert ("skipping ckpt_epoch_2.pth: it was deleted after probe-all listed it (a running training's --keep-last "
+            "deletes older checkpoints)") in result.stderr
+    assert "not probed, deleted while probe-all ran (a training's --keep-last): ckpt_epoch_2.pth" in result.stdout
+    assert "Traceback" not in result.output and "corrupt" not in result.output
+    assert [row["checkpoint"] for row in read_table(run_copy)] == ["ckpt_epoch_4.pth"]
+
+
 def test_every_checkpoint_corrupt_is_one_line_error(run_copy):
     for path in run_copy.glob("*.pth"):
         path.write_bytes(b"PK\x03\x04 not a zip any more")

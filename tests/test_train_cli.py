@@ -201,17 +201,51 @@ def test_refuses_to_resume_with_a_different_configuration(cli_run, train_folder)
     assert snapshot(run_dir) == before
 
 
-def test_refuses_to_resume_with_another_number_of_processes(cli_run, train_folder, tmp_path):
-    # the same run as if it had been trained by 2 processes of 8
+def test_resuming_on_another_number_of_processes_keeps_the_global_batch_and_says_so(cli_run, train_folder,
+                                                                                 tmp_path):
+    # the same run as if it had been trained by 2 processes of 8, resumed here on 1
     run_dir = tmp_path / "run"
     shutil.copytree(cli_run[0], run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config["run_info"]["global_batch"] = 16
+    config["run_info"].update(num_processes=2, global_batch=16)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # --dist-timeout is a runtime option: it may differ on a resume
+    result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS, "--resume",
+                     "--dist-timeout", "60"])
+    assert result.exit_code == 0, result.output
+    assert (f"resuming {run_dir} on 1 process (it trained on 2): its global batch of 16 is kept, 16 per process (was "
+            "8); the learning rate, the steps per epoch and the place in the epoch are unchanged") in result.output
+    assert "different configuration" not in result.output and "is finished" in result.output
+
+
+def test_resuming_with_another_global_batch_is_refused_naming_both(cli_run, train_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run[0], run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["run_info"]["global_batch"] = 16  # recorded by 1 process of 8: not a state a run reaches by itself
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     before = snapshot(run_dir)
     result = invoke(["--data-folder", train_folder, "--run-dir", run_dir, *RUN_ARGS, "--resume"])
-    assert_one_line_error(result, "global batch of 16, now 8 (8 x 1 processes)", "same number of processes")
+    assert_one_line_error(result, "global batch of 16, now 8 (8 x 1 processes)", "resume it with --batch-size 8")
     assert snapshot(run_dir) == before
+
+
+def test_a_split_of_the_global_batch_over_processes_that_do_not_divide_it_is_refused(tmp_path):
+    from supcon.engine import split_global_batch
+    from supcon.errors import UserError
+
+    assert split_global_batch(16, 2, 4, tmp_path) == 4 and split_global_batch(16, 2, 1, tmp_path) == 16
+    with pytest.raises(UserError) as refused:
+        split_global_batch(16, 2, 3, tmp_path)
+    assert str(refused.value) == (f"run dir {tmp_path} trains a global batch of 16 (8 x 2 processes), which 3 "
+                                  "processes cannot split evenly; resume it on a number of processes that divides 16 "
+                                  "(e.g. 1, 2, 4, 8, 16)")
+
+
+def test_dist_timeout_must_be_at_least_a_second(train_folder, tmp_path):
+    result = invoke(["--data-folder", train_folder, "--run-dir", tmp_path / "run", *RUN_ARGS, "--dist-timeout", "0"])
+    assert_one_line_error(result, "--dist-timeout must be at least 1 (seconds), got 0.0")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resuming_a_finished_run_says_so_and_how_to_train_longer(cli_run, train_folder):

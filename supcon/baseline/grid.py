@@ -35,8 +35,9 @@ from supcon.checkpoint import atomic_write_text
 from supcon.config import config_differences, load_yaml, to_yaml_dict
 from supcon.data import scan_image_folder
 from supcon.distributed import is_main_process
-from supcon.engine import EXIT_SIGINT, EXIT_SIGTERM, RunEngine, default_precision, launched_world_size
+from supcon.engine import EXIT_SIGINT, EXIT_SIGTERM, RunEngine, default_precision
 from supcon.errors import UserError
+from supcon.launch import launched_world_size
 from supcon.metrics import classification_metrics
 from supcon.rundir import BEST, LAST, default_run_dir, find_split_folder, has_run_content, load_baseline_checkpoint
 

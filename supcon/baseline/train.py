@@ -480,7 +480,9 @@ def _start(config: BaselineConfig, progress: bool) -> tuple[BaselineConfig, RunE
     engine = RunEngine(config.precision, progress)
     try:
         engine.choose_run_dir(config.run_dir, config.resume, f"{config.model}_baseline", config.batch_size)
-        recorded = engine.open_existing(config.resume)
+        resume = engine.resume_wanted(config.resume)
+        recorded = engine.open_existing(resume)
+        config = replace(config, resume=resume, batch_size=engine.per_process_batch(recorded, config.batch_size))
         global_batch = config.batch_size * engine.world
         engine.refuse_changes(recorded, to_yaml_dict(config), RUNTIME_KEYS, global_batch, config.batch_size,
                               defaults=to_yaml_dict(BaselineConfig()))
@@ -504,7 +506,8 @@ def train(config: BaselineConfig, progress: bool = True, data: PreparedData | No
     """
     config, engine, recorded = _start(config, progress)
     try:
-        return _train(engine, config, recorded, progress, data)
+        with engine.failures_as_messages():
+            return _train(engine, config, recorded, progress, data)
     finally:
         engine.close()
 
@@ -549,8 +552,8 @@ def _train(engine: RunEngine, config: BaselineConfig, recorded: RecordedRun | No
     # last.pth and best.pth are overwritten in place: at most one more of each while it is written
     engine.check_disk_space(trainer.checkpoint(start_epoch, **trainer._resume_state(start_epoch)), trainer.optimizer,
                             1)
-    engine.open_sinks(trainer.options, {**trainer.run_info(), **engine.data_facts(recorded)}, METRIC_FIELDS,
-                      TENSORBOARD_TAGS, start_epoch)
+    engine.open_sinks(trainer.options, {**trainer.run_info(), **engine.session_facts(recorded, start_epoch)},
+                      METRIC_FIELDS, TENSORBOARD_TAGS, start_epoch)
     trainer.make_loaders()
     outcome = engine.run_epochs(trainer, start_epoch, config.epochs, steps_per_epoch=trainer.steps_per_epoch)
     best = trainer.best_metrics
