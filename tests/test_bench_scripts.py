@@ -162,3 +162,44 @@ def test_bench_live_probe_reports_the_probe_time_against_the_training_time(tmp_p
     assert 0 < report["demo"]["overhead"] < 10 and report["large"]["seconds_per_probe"] > 0
     assert report["large"]["overhead_at_default_save_freq"] == pytest.approx(
         report["large"]["seconds_per_probe"] / (50 * report["large"]["seconds_per_epoch"]))
+
+
+def _metrics_csv(run_dir: Path, rows: list[dict]) -> Path:
+    import csv
+
+    run_dir.mkdir(parents=True)
+    fields = ["epoch", "loss", "collapsed_loss", "spread", "probe_accuracy", "probe_low", "probe_high",
+              "probe_num_val"]
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in fields} for row in rows)
+    return run_dir
+
+
+def test_live_probe_table_reads_the_last_and_best_probe_and_the_collapsed_level(tmp_path, capsys):
+    table = load_script("live_probe_table")
+    probe = {"collapsed_loss": 4.844, "probe_num_val": 200}
+    run = _metrics_csv(tmp_path / "run", [
+        {"epoch": 1, "loss": 5.2, "spread": 0.05, **probe},
+        {"epoch": 2, "loss": 4.9, "spread": 0.03, "probe_accuracy": 0.6, "probe_low": 0.53, "probe_high": 0.67,
+         **probe},
+        {"epoch": 3, "loss": 4.6, "spread": 0.02, "probe_accuracy": 0.7, "probe_low": 0.63, "probe_high": 0.76,
+         **probe},
+        {"epoch": 4, "loss": 4.5, "spread": 0.03, "probe_accuracy": 0.65, "probe_low": 0.58, "probe_high": 0.72,
+         **probe},
+        {"epoch": 5, "loss": 4.4, "spread": 0.04, **probe}])
+    (row,) = table.main([str(run), "--json", str(tmp_path / "rows.json")])
+    assert (row["epochs"], row["last_probe"]["epoch"], row["best_probe"]["epoch"]) == (5, 4, 3)
+    assert (row["last_probe"]["accuracy"], row["best_probe"]["accuracy"], row["loss"]) == (0.65, 0.7, 4.4)
+    assert "65.0% [58.0, 72.0] (epoch 4)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rows.json").read_text()) == [row]
+
+
+def test_live_probe_table_says_which_run_has_no_probe(tmp_path):
+    table = load_script("live_probe_table")
+    run = _metrics_csv(tmp_path / "run", [{"epoch": 1, "loss": 5.2, "collapsed_loss": 4.8, "spread": 0.05}])
+    with pytest.raises(SystemExit, match="no live probe in metrics.csv"):
+        table.main([str(run)])
+    with pytest.raises(SystemExit, match="no metrics.csv"):
+        table.main([str(tmp_path / "nowhere")])
