@@ -3,7 +3,7 @@
 For each model and batch size it measures the plain path (fp32, NCHW, no compile, cuDNN autotune
 off, torchvision augmentation in the loader workers) and then each fast configuration (the product
 of the --precision, --memory-format, --compile, --data-path and --grad-checkpointing lists), through
-supcon.train.train_one_epoch itself, and reports source images/s (each image gives two views) and
+supcon.epoch.train_one_epoch itself, and reports source images/s (each image gives two views) and
 the ratio to the plain path, plus peak GPU memory.
 
 Two data sources:
@@ -47,12 +47,17 @@ import bench_common as bench  # noqa: E402
 import torch  # noqa: E402
 
 from supcon.data import make_loader  # noqa: E402
-from supcon.engine import default_precision, make_accelerator  # noqa: E402
 from supcon.gpu_augment import AugmentSpec, DeviceAugment  # noqa: E402
 from supcon.losses import SupConLoss  # noqa: E402
 from supcon.models import build_model  # noqa: E402
 from supcon.schedule import LRSchedule  # noqa: E402
-from supcon.train import train_one_epoch  # noqa: E402
+
+try:
+    from supcon.epoch import train_one_epoch
+    from supcon.processes import default_precision, make_accelerator
+except ImportError:  # a checkout from before the split of issue 23: supcon.train and supcon.engine held them
+    from supcon.engine import default_precision, make_accelerator
+    from supcon.train import train_one_epoch
 
 logger = logging.getLogger("bench_train")
 N_VIEWS = 2
@@ -69,7 +74,7 @@ class Setting:
     data_path: str  # cpu (torchvision in the workers) | device (uint8 crops, colour ops on the device)
     grad_checkpointing: bool
     cudnn_benchmark: bool
-    loop: str = "project"  # project (supcon.train.train_one_epoch) | reference (reference_step below)
+    loop: str = "project"  # project (supcon.epoch.train_one_epoch) | reference (reference_step below)
     chunk_size: int = 0  # images per forward pass (gradient caching); 0: the whole batch
 
     @property
@@ -89,7 +94,7 @@ def reference_settings(fast: list[Setting], on_gpu: bool) -> list[Setting]:
 
 
 # --- The reference: the training step a user would write by hand (about 40 lines), independent of
-# --- supcon.train / supcon.losses / supcon.models, timed in the same process as the project's paths.
+# --- supcon.epoch / supcon.losses / supcon.models, timed in the same process as the project's paths.
 
 def reference_supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
                           base_temperature: float = 0.07) -> torch.Tensor:

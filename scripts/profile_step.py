@@ -1,6 +1,6 @@
 """Where the project's training step spends more than the 40-line reference loop, counted on any device.
 
-Counts, per training step and in one process, for the project's step (``supcon.train.train_one_epoch``
+Counts, per training step and in one process, for the project's step (``supcon.epoch.train_one_epoch``
 on float views, or with ``DeviceAugment`` on uint8 crops) and for bench_train.py's reference loop:
 
 * **ops**: aten operators that run a kernel (views and metadata ops excluded), seen through a
@@ -153,12 +153,17 @@ def _bench_train():
 
 def project_step(args, data_path: str):
     """``run(steps) -> None``: train_one_epoch over ``steps`` synthetic batches, as bench_train builds it."""
-    from supcon.engine import make_accelerator
     from supcon.gpu_augment import AugmentSpec, DeviceAugment
     from supcon.losses import SupConLoss
     from supcon.models import build_model
     from supcon.schedule import LRSchedule
-    from supcon.train import train_one_epoch
+
+    try:
+        from supcon.epoch import train_one_epoch
+        from supcon.processes import make_accelerator
+    except ImportError:  # a checkout from before the split of issue 23: supcon.train and supcon.engine held them
+        from supcon.engine import make_accelerator
+        from supcon.train import train_one_epoch
 
     bench = _bench_train()
     bench._reset_accelerate()

@@ -12,12 +12,14 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-import supcon.baseline.train as baseline_train
+import supcon.baseline.trainer as baseline_trainer
 from supcon.baseline.config import BaselineConfig
 from supcon.baseline.data import stratified_split, train_transform
 from supcon.baseline.models import build_classifier, make_model_config
-from supcon.baseline.train import EarlyStopping, load_baseline_checkpoint, make_scheduler, train
+from supcon.baseline.train import train
+from supcon.baseline.trainer import EarlyStopping, make_scheduler
 from supcon.errors import UserError
+from supcon.rundir import load_baseline_checkpoint
 
 
 def tiny_config(data_folder, run_dir, **overrides) -> BaselineConfig:
@@ -57,7 +59,7 @@ def test_the_loop_stops_at_the_right_epoch_on_a_scripted_validation_curve(image_
         calls.append(len(calls))
         return {"loss": curve[len(calls) - 1], "accuracy": 0.5 + 0.01 * len(calls), "auc": 0.5, "f1": 0.5}
 
-    monkeypatch.setattr(baseline_train, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(baseline_trainer, "evaluate", scripted_evaluate)
     run_dir = tmp_path / "run"
     result = train(tiny_config(image_root / "train", run_dir, epochs=10, patience=3), progress=False)
     assert (result.epochs_done, result.best_epoch, result.stopped_early) == (7, 4, True)
@@ -85,14 +87,14 @@ def test_ctrl_c_then_resume_gives_the_weights_of_an_uninterrupted_run(image_root
     straight = train(tiny_config(image_root / "train", tmp_path / "straight", **config), progress=False)
     assert straight.epochs_done == 4
 
-    original = baseline_train.train_one_epoch
+    original = baseline_trainer.train_one_epoch
 
     def ctrl_c_in_epoch_3(*args, **kwargs):
         if args[5] == 2:  # 0-based epoch index
             os.kill(os.getpid(), signal.SIGINT)  # handled by the run: stops after the current step
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(baseline_train, "train_one_epoch", ctrl_c_in_epoch_3)
+    monkeypatch.setattr(baseline_trainer, "train_one_epoch", ctrl_c_in_epoch_3)
     run_dir = tmp_path / "interrupted"
     with caplog.at_level(logging.INFO):
         interrupted = train(tiny_config(image_root / "train", run_dir, **config), progress=False)
@@ -100,7 +102,7 @@ def test_ctrl_c_then_resume_gives_the_weights_of_an_uninterrupted_run(image_root
     assert load_baseline_checkpoint(run_dir / "last.pth")["epoch"] == 2
     # the epoch in progress, 1-based, in both messages
     assert "interrupted in epoch 3;" in caplog.text and "(epoch 3 is redone)" in caplog.text
-    monkeypatch.setattr(baseline_train, "train_one_epoch", original)
+    monkeypatch.setattr(baseline_trainer, "train_one_epoch", original)
 
     caplog.clear()
     with caplog.at_level(logging.INFO):

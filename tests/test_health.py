@@ -108,9 +108,10 @@ class ConstantEncoder(nn.Module):
 def test_forced_collapse_warns_and_stop_on_collapse_ends_the_run_keeping_checkpoints(
         train_folder, tmp_path, monkeypatch, caplog):
     import supcon.train as train_module
+    import supcon.trainer as trainer_module
     from supcon.models import SupConModel
 
-    monkeypatch.setattr(train_module, "build_model", lambda **kw: SupConModel(ConstantEncoder(), kw["feat_dim"]))
+    monkeypatch.setattr(trainer_module, "build_model", lambda **kw: SupConModel(ConstantEncoder(), kw["feat_dim"]))
     config = tiny_config(train_folder, tmp_path / "run", epochs=10, collapse_patience=2, stop_on_collapse=True,
                          knn_every=0)
     with caplog.at_level(logging.WARNING):

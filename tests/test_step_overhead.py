@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from supcon.epoch import train_one_epoch
 from supcon.losses import SupConLoss
 from supcon.models import build_model
 from supcon.optim import build_optimizer, keep_implementation
 from supcon.schedule import LRSchedule
-from supcon.train import train_one_epoch
 from tests.test_bench_scripts import load_script
 
 

@@ -231,8 +231,8 @@ def test_resuming_with_another_global_batch_is_refused_naming_both(cli_run, trai
 
 
 def test_a_split_of_the_global_batch_over_processes_that_do_not_divide_it_is_refused(tmp_path):
-    from supcon.engine import split_global_batch
     from supcon.errors import UserError
+    from supcon.resume import split_global_batch
 
     assert split_global_batch(16, 2, 4, tmp_path) == 4 and split_global_batch(16, 2, 1, tmp_path) == 16
     with pytest.raises(UserError) as refused:

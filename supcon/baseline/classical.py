@@ -33,7 +33,7 @@ from supcon.baseline.classical_features import (
 )
 from supcon.baseline.classical_models import classifier_probabilities, describe, fit_and_select
 from supcon.baseline.config import CLASSICAL_MODELS, RUNTIME_KEYS, BaselineConfig, is_grid
-from supcon.baseline.train import prepare_data
+from supcon.baseline.data import prepare_data
 from supcon.checkpoint import atomic_save, atomic_write_text, safe_load
 from supcon.config import config_differences, to_yaml_dict
 from supcon.errors import UserError

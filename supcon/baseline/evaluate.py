@@ -1,7 +1,8 @@
-"""Evaluate a finished baseline run: its best-by-validation network's class probabilities on a test folder.
+"""Evaluate a baseline network: on the val set during training, and a finished run on a test folder.
 
-:func:`predict_run` is what check-accuracies and the grid call; the run directory alone says how
-(``best.pth`` carries the model config, class names, mean/std and input size).
+:func:`evaluate` is the trainer's validation (loss, accuracy, AUC, F1); :func:`predict_run` is what
+check-accuracies and the grid call, with a finished run's best-by-validation network; the run
+directory alone says how (``best.pth`` carries the model config, class names, mean/std and input size).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
-from supcon.baseline.losses import logits_to_probabilities
+from supcon.baseline.losses import ClassifierLoss, logits_to_probabilities
 from supcon.baseline.models import build_classifier
-from supcon.baseline.train import predict
 from supcon.data import EvalDataset, check_images, eval_transform, make_loader, report_bad_images, scan_image_folder
-from supcon.engine import make_accelerator
 from supcon.errors import UserError
+from supcon.metrics import classification_metrics
+from supcon.processes import make_accelerator
 from supcon.rundir import (
     BAD_IMAGES_FILE,
     BASELINE_KIND,
@@ -30,6 +32,29 @@ from supcon.rundir import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for every sample of a prepared ``loader``, gathered from every process, in order."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = model(images)["logits"]
+        all_logits.append(accelerator.gather_for_metrics(logits.float().contiguous()).cpu())
+        all_labels.append(accelerator.gather_for_metrics(labels).cpu())
+    model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model: torch.nn.Module, loss_fn: ClassifierLoss, loader, accelerator: Accelerator) -> dict[str, float]:
+    """``loss`` (main output only), ``accuracy``, ``auc`` (NaN if undefined) and macro ``f1`` on ``loader``."""
+    logits, labels = predict(model, loader, accelerator)
+    metrics = classification_metrics(labels.numpy(), logits_to_probabilities(logits).numpy()).summary()
+    metrics["loss"] = float(loss_fn.single(logits, labels).item())
+    return metrics
 
 
 def resolve_test_folder(run_info: dict[str, Any], test_folder: str | os.PathLike | None = None) -> Path:

@@ -28,17 +28,21 @@ import numpy as np
 import yaml
 
 from supcon.baseline.config import RUNTIME_KEYS, BaselineConfig, expand_grid
+from supcon.baseline.data import prepare_data
+from supcon.baseline.epoch import NonFiniteLoss
 from supcon.baseline.evaluate import predict_run
 from supcon.baseline.models import model_family
-from supcon.baseline.train import NonFiniteLoss, prepare_data, train
+from supcon.baseline.train import train
 from supcon.checkpoint import atomic_write_text
 from supcon.config import config_differences, load_yaml, to_yaml_dict
 from supcon.data import scan_image_folder
 from supcon.distributed import is_main_process
-from supcon.engine import EXIT_SIGINT, EXIT_SIGTERM, RunEngine, default_precision
+from supcon.engine import RunEngine
 from supcon.errors import UserError
+from supcon.interrupt import EXIT_SIGINT, EXIT_SIGTERM
 from supcon.launch import launched_world_size
 from supcon.metrics import classification_metrics
+from supcon.processes import default_precision
 from supcon.rundir import BEST, LAST, default_run_dir, find_split_folder, has_run_content, load_baseline_checkpoint
 
 logger = logging.getLogger(__name__)
