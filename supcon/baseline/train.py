@@ -139,7 +139,7 @@ def _train(engine: RunEngine, config: BaselineConfig, recorded: RecordedRun | No
         logger.info("resuming %s at epoch %d (%d of %d epochs done)", run_dir, start_epoch + 1, start_epoch,
                     config.epochs)
     # last.pth and best.pth are overwritten in place: at most one more of each while it is written
-    engine.check_disk_space(trainer.checkpoint(start_epoch, **trainer._resume_state(start_epoch)), trainer.optimizer,
+    engine.check_disk_space(trainer.checkpoint(start_epoch, **trainer.resume_state_at(start_epoch)), trainer.optimizer,
                             1)
     engine.open_sinks(trainer.options, {**trainer.run_info(), **engine.session_facts(recorded, start_epoch)},
                       METRIC_FIELDS, TENSORBOARD_TAGS, start_epoch)

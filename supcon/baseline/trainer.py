@@ -225,7 +225,7 @@ class BaselineTrainer:
                "val_f1": round(val["f1"], 6), "lr": self.lr, "best": int(improved),
                "images_per_s": round(stats["images"] / max(stats["seconds"], 1e-9), 2),
                "epoch_seconds": round(stats["seconds"], 3)}
-        files = {LAST: self.checkpoint(epoch_done, **self._resume_state(epoch_done))}
+        files = {LAST: self.checkpoint(epoch_done, **self.resume_state_at(epoch_done))}
         if improved:
             files = {BEST: self.checkpoint(epoch_done, val_accuracy=val["accuracy"], val_loss=val["loss"]), **files}
         auc_text = f" auc {val['auc']:.4f}" if not math.isnan(val["auc"]) else ""
@@ -238,7 +238,7 @@ class BaselineTrainer:
                           f"(best epoch {self.stopper.best_epoch})")
         return EpochEnd(row, summary, files, end_reason)
 
-    def _resume_state(self, epoch_done: int) -> dict[str, Any]:
+    def resume_state_at(self, epoch_done: int) -> dict[str, Any]:
         scaler = self.accelerator.scaler
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
