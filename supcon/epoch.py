@@ -6,6 +6,7 @@ The caller owns the epoch loop, saving and logging (:class:`supcon.trainer.SupCo
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,19 +59,19 @@ class _StepWindow:
         Raises:
             UserError: one of their losses is not finite (names the epoch and step).
         """
-        rows = self.rows[:self.pending]
-        bad = ~torch.isfinite(rows[:, 0])
-        first_bad = torch.where(bad.any(), bad.int().argmax(), -1)
-        loss_total, spread_total, first = torch.cat([rows.sum(0), first_bad.view(1).float()]).tolist()
-        if first >= 0:
-            bad_step = last_step_in_epoch - self.pending + 1 + int(first)
-            raise UserError(
-                f"loss became non-finite at epoch {epoch + 1}, step {bad_step + 1} of {steps_per_epoch} "
-                f"(global step {epoch * steps_per_epoch + bad_step}); the last good checkpoint is kept. "
-                "Try a lower --learning-rate or --precision fp32"
-            )
-        self.loss_sum += loss_total
-        self.spread_sum += spread_total
+        # One transfer; the sums are taken on the host in step order, so where a window starts (a resume
+        # mid-epoch moves it) cannot change the epoch's mean loss in its last bits.
+        rows = self.rows[:self.pending].tolist()
+        for offset, (loss, spread) in enumerate(rows):
+            if not math.isfinite(loss):
+                bad_step = last_step_in_epoch - self.pending + 1 + offset
+                raise UserError(
+                    f"loss became non-finite at epoch {epoch + 1}, step {bad_step + 1} of {steps_per_epoch} "
+                    f"(global step {epoch * steps_per_epoch + bad_step}); the last good checkpoint is kept. "
+                    "Try a lower --learning-rate or --precision fp32"
+                )
+            self.loss_sum += loss
+            self.spread_sum += spread
         self.pending = 0
 
 
