@@ -99,6 +99,7 @@ class Cell:
     data: Path
     runs: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def export(name: str, root: Path, args: argparse.Namespace) -> Path:
@@ -148,8 +149,14 @@ def run_cell(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -
     run(cell, "supcon-train", ["supcon-train", "--data-folder", train, *common, "--epochs", str(args.epochs),
                                "--save-freq", save_freq, "--knn-every", save_freq, "--seed", seed, "--run-dir",
                                str(runs / SUPCON), "--resume", *shlex.split(args.supcon_args)], args.threads, log)
-    run(cell, "probe-all", ["probe-all", "--run", str(runs / SUPCON), "--from", "auto", "--seed", seed,
-                            "--num-workers", "0", "--quiet"], args.threads, log)
+    probe = ["probe-all", "--run", str(runs / SUPCON), "--seed", seed, "--num-workers", "0", "--quiet"]
+    try:
+        run(cell, "probe-all", [*probe, "--from", "auto"], args.threads, log)
+    except RuntimeError:  # --from auto refuses a run whose loss sat at the collapsed level: probe it all, say so
+        if "collapsed level" not in log.read_text().splitlines()[-1]:
+            raise
+        cell.notes.append("collapsed: the loss sat at the collapsed level throughout; probed from epoch 1")
+        run(cell, "probe-all", [*probe, "--from", "1"], args.threads, log)
     if args.val_only and args.supcon_only:
         return cell
     baseline = ["baseline-train", "--data-folder", train, *common, "--epochs", str(args.epochs), "--seed", seed,
@@ -204,7 +211,7 @@ def val_accuracy(run_dir: Path) -> float:
 def cell_result(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -> dict:
     names = [SUPCON] if args.val_only and args.supcon_only else [SUPCON, *([] if args.no_finetune else [FINETUNE]),
                                                                     SCRATCH]
-    result = {"dataset": cell.dataset, "seed": cell.seed, "seconds": cell.seconds,
+    result = {"dataset": cell.dataset, "seed": cell.seed, "seconds": cell.seconds, "notes": cell.notes,
               "val_accuracy": {n: val_accuracy(cell.runs / n) for n in names}}
     selection = json.loads((cell.runs / SUPCON / "probe" / "selection.json").read_text())
     result["selected_backbone_epoch"] = selection["backbone_epoch"]
@@ -286,6 +293,9 @@ def summarize(results: list[dict], args: argparse.Namespace) -> tuple[dict, str]
         advice = [f"seed {c['seed']}: {c['advice']}" for c in cells if c.get("advice")]
         if advice:
             lines += ["", "probe-all's advice: " + "; ".join(advice) + "."]
+        notes = [f"seed {c['seed']}: {note}" for c in cells for note in c.get("notes", [])]
+        if notes:
+            lines += ["", "Notes: " + "; ".join(notes) + "."]
         lines.append("")
         summary[dataset] = entry
     return summary, "\n".join(lines)
