@@ -52,18 +52,20 @@ def _command_config(ctx: click.Context, cls: type, section: str, config_path: st
 @click.option("--train-folder", type=str, help="[default: the run's recorded training folder]")
 @click.option("--val-folder", type=str,
               help="[default: the run's recorded val folder, else a sibling 'val' of the train folder]")
-@click.option("--batch-size", type=int, default=P.batch_size, show_default=True, help="Head mini-batch size.")
+@click.option("--batch-size", type=int, default=P.batch_size, show_default=True, help="SGD head: mini-batch size.")
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=P.learning_rate, show_default=True)
 @click.option("--momentum", type=float, default=P.momentum, show_default=True)
 @click.option("--weight-decay", type=float, default=P.weight_decay, show_default=True)
 @click.option("--epochs", "--head-epochs", "epochs", type=int, default=P.epochs, show_default=True,
-              help="Head epochs (the encoder is frozen).")
-@click.option("--cosine/--no-cosine", default=P.cosine, show_default=True, help="Cosine head schedule, else constant.")
+              help="SGD head: epochs (the encoder is frozen).")
+@click.option("--cosine/--no-cosine", default=P.cosine, show_default=True,
+              help="SGD head: cosine schedule, else constant.")
 @click.option("--augment", is_flag=True,
               help="Classic protocol: fresh augmented crops through the encoder every head epoch (slow).")
-@click.option("--head-solver", type=click.Choice(HEAD_SOLVERS), default=P.head_solver, show_default=True,
-              help="sgd: the recorded protocol (the options above); lbfgs: logistic regression by L-BFGS on the "
-                   "cached features, C chosen on val from 1e-4..1e4 (the SimCLR/CLIP linear evaluation; seconds).")
+@click.option("--head-solver", type=click.Choice(HEAD_SOLVERS), default=P.head_solver,
+              help="lbfgs: logistic regression by L-BFGS on the cached features, C chosen on val from 1e-4..1e4 "
+                   "(the SimCLR/CLIP linear evaluation; seconds); sgd: the recorded protocol (the options above) "
+                   "[default: lbfgs; sgd with --augment].")
 @click.option("--force", is_flag=True, help="Re-probe checkpoints already probed with the same settings.")
 @click.option("--seed", type=int, default=P.seed, show_default=True, help="Head init, batch order and crops.")
 @click.option("--auto-tolerance", type=float, default=P.auto_tolerance, show_default=True,

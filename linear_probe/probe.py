@@ -44,7 +44,7 @@ class HeadSettings:
     cosine: bool = ProbeConfig.cosine
     augment: bool = ProbeConfig.augment
     seed: int = ProbeConfig.seed
-    head_solver: str = ProbeConfig.head_solver
+    head_solver: str = "sgd"  # a resolved ProbeConfig's solver is always given (from_config)
 
     @classmethod
     def from_config(cls, config: ProbeConfig) -> HeadSettings:

@@ -75,7 +75,8 @@ def one_run(data: Path, run_dir: Path, setting: list[str], seed: int, epochs: in
              "--num-workers", "0", "--no-flip", "--seed", str(seed), "--quiet", "--run-dir", str(run_dir),
              "--resume", *setting]
     _run(train, log)
-    _run(["probe-all", "--run", str(run_dir), "--from", str(epochs), "--to", str(epochs), "--weight-decay", "1e-2",
+    _run(["probe-all", "--run", str(run_dir), "--from", str(epochs), "--to", str(epochs),
+          "--head-solver", "sgd", "--weight-decay", "1e-2",
           "--num-workers", "0", "--quiet"], log)
     _run(["check-accuracies", "--run", str(run_dir), "--output", str(run_dir), "--num-workers", "0", "--quiet"],
          log)

@@ -57,7 +57,7 @@ def timed_probe(run_dir: Path, from_epoch: int, to_epoch: int, augment: bool, ar
         start = time.perf_counter()
         result = probe_all(ProbeConfig(
             run=str(run_dir), from_epoch=from_epoch, to_epoch=to_epoch, epochs=args.epochs, augment=augment,
-            force=True, num_workers=args.num_workers, cache_dir=cache_dir, device=args.device,
+            head_solver="sgd", force=True, num_workers=args.num_workers, cache_dir=cache_dir, device=args.device,
         ))
         seconds = time.perf_counter() - start
     accuracies = {r.checkpoint: r.best_val_accuracy for r in result.records

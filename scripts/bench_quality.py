@@ -52,9 +52,10 @@ from supcon.patch_sets import SOURCES, export_patch_set  # noqa: E402
 
 DATASETS = ("digits", *SOURCES)
 #: Run directory name -> row label of the tables.
-SUPCON, FINETUNE, SCRATCH = "supcon", "supcon_finetune", "ce_scratch"
+SUPCON, FINETUNE, SCRATCH, SCRATCH_LONG = "supcon", "supcon_finetune", "ce_scratch", "ce_scratch_2x"
 CLASSICAL = ("svm", "logreg", "knn")
 LABELS = {SUPCON: "SupCon + linear probe", FINETUNE: "SupCon, then fine-tuned (CE)", SCRATCH: "CE from scratch",
+          SCRATCH_LONG: "CE from scratch, twice the epochs (as many as SupCon + fine-tune)",
           "svm": "RBF SVM on pixels", "logreg": "logistic regression on pixels", "knn": "kNN on pixels"}
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--supcon-args", default="", help="Extra supcon-train options (a variant under study).")
     parser.add_argument("--baseline-args", default="", help="Extra options of both baseline-train networks.")
     parser.add_argument("--no-finetune", action="store_true", help="Skip the fine-tune from SupCon.")
+    parser.add_argument("--no-long-ce", action="store_true",
+                        help="Skip CE from scratch at twice the epochs (the fine-tune's total: SupCon + fine-tune).")
     parser.add_argument("--supcon-only", action="store_true",
                         help="With --val-only: only SupCon and its probes (comparing SupCon variants).")
     parser.add_argument("--val-only", action="store_true",
@@ -150,13 +153,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -
                                "--save-freq", save_freq, "--knn-every", save_freq, "--seed", seed, "--run-dir",
                                str(runs / SUPCON), "--resume", *shlex.split(args.supcon_args)], args.threads, log)
     probe = ["probe-all", "--run", str(runs / SUPCON), "--seed", seed, "--num-workers", "0", "--quiet"]
-    try:
-        run(cell, "probe-all", [*probe, "--from", "auto"], args.threads, log)
-    except RuntimeError:  # --from auto refuses a run whose loss sat at the collapsed level: probe it all, say so
-        if "collapsed level" not in log.read_text().splitlines()[-1]:
-            raise
-        cell.notes.append("collapsed: the loss sat at the collapsed level throughout; probed from epoch 1")
-        run(cell, "probe-all", [*probe, "--from", "1"], args.threads, log)
+    note = probe_from_auto(cell, probe, args.threads, log)
+    if note:
+        cell.notes.append(note)
     if args.val_only and args.supcon_only:
         return cell
     baseline = ["baseline-train", "--data-folder", train, *common, "--epochs", str(args.epochs), "--seed", seed,
@@ -165,6 +164,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -
         run(cell, "fine-tune", [*baseline, "--init-from", str(runs / SUPCON), "--run-dir", str(runs / FINETUNE),
                                 "--resume"], args.threads, log)
     run(cell, "ce-scratch", [*baseline, "--run-dir", str(runs / SCRATCH), "--resume"], args.threads, log)
+    if not (args.no_long_ce or args.no_finetune):
+        run(cell, "ce-scratch-2x", [*baseline, "--epochs", str(2 * args.epochs), "--run-dir", str(runs / SCRATCH_LONG),
+                                    "--resume"], args.threads, log)
     if args.val_only:
         return cell
     for rule in SELECTION_RULES:  # the default rule last: its result is what the SupCon run keeps
@@ -174,11 +176,33 @@ def run_cell(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -
                                         "--num-workers", "0", "--quiet"], args.threads, log)
             rule_metrics = json.loads((runs / SUPCON / "test_metrics.json").read_text())
             (runs / f"rule_{rule}" / "test_metrics.json").write_text(json.dumps(rule_metrics))
-    networks = [runs / SUPCON, *([] if args.no_finetune else [runs / FINETUNE]), runs / SCRATCH]
+    networks = [runs / name for name in network_names(args)]
     run(cell, "check-accuracies", ["check-accuracies", *[a for r in [*networks, *classical_runs]
                                                          for a in ("--run", str(r))],
                                    "--output", str(runs), "--num-workers", "0", "--quiet"], args.threads, log)
     return cell
+
+
+def probe_from_auto(cell: Cell | None, probe: list[str], threads: int, log: Path) -> str | None:
+    """``probe-all --from auto``; on a run whose loss sat at the collapsed level (which it refuses), every
+    checkpoint instead, and the note that says so."""
+    try:
+        run(cell, "probe-all", [*probe, "--from", "auto"], threads, log)
+        return None
+    except RuntimeError:
+        if "collapsed level" not in log.read_text().splitlines()[-1]:
+            raise
+    run(cell, "probe-all", [*probe, "--from", "1"], threads, log)
+    return "collapsed: the loss sat at the collapsed level throughout; probed from epoch 1"
+
+
+def network_names(args: argparse.Namespace) -> list[str]:
+    """The run folders of one cell's networks, in table order."""
+    if args.val_only and args.supcon_only:
+        return [SUPCON]
+    if args.no_finetune:
+        return [SUPCON, SCRATCH]
+    return [SUPCON, FINETUNE, SCRATCH, *([] if args.no_long_ce else [SCRATCH_LONG])]
 
 
 def fit_classical(name: str, data: Path, work: Path, args: argparse.Namespace) -> list[Path]:
@@ -209,8 +233,7 @@ def val_accuracy(run_dir: Path) -> float:
 
 
 def cell_result(cell: Cell, args: argparse.Namespace, classical_runs: list[Path]) -> dict:
-    names = [SUPCON] if args.val_only and args.supcon_only else [SUPCON, *([] if args.no_finetune else [FINETUNE]),
-                                                                    SCRATCH]
+    names = network_names(args)
     result = {"dataset": cell.dataset, "seed": cell.seed, "seconds": cell.seconds, "notes": cell.notes,
               "val_accuracy": {n: val_accuracy(cell.runs / n) for n in names}}
     selection = json.loads((cell.runs / SUPCON / "probe" / "selection.json").read_text())
@@ -269,22 +292,23 @@ def summarize(results: list[dict], args: argparse.Namespace) -> tuple[dict, str]
         entry = {"table": table, "selected_backbone_epoch": [c["selected_backbone_epoch"] for c in cells]}
         if not args.val_only:
             entry["verdicts"] = {}
-            for name in (n for n in (SUPCON, FINETUNE) if n in names):
-                verdict = pooled(cells, name, SCRATCH)
-                entry["verdicts"][name] = verdict
+            pairs = [(SUPCON, SCRATCH), (FINETUNE, SCRATCH), (FINETUNE, SCRATCH_LONG)]
+            for name, rival in ((n, r) for n, r in pairs if n in names and r in names):
+                verdict = pooled(cells, name, rival)
+                entry["verdicts"][f"{name}_vs_{rival}"] = verdict
+                epochs = args.epochs * (2 if rival == SCRATCH_LONG else 1)
                 per_seed = ", ".join((c["test"][name].get("verdict") or {}).get("outcome", "-") for c in cells)
-                lines.append(f"- {LABELS[name]} {verdict['outcome']} {LABELS[SCRATCH]} at {args.epochs} epochs: "
+                lines.append(f"- {LABELS[name]} {verdict['outcome']} CE from scratch at {epochs} epochs: "
                              f"{percent(verdict['accuracy'])} vs {percent(verdict['rival_accuracy'])} over the "
                              f"{len(cells)} seeds' test images, {verdict['only_this_correct']}:"
                              f"{verdict['only_rival_correct']} images only one of them gets right, McNemar "
                              f"p={verdict['mcnemar_exact_p']:.3g} (per seed, against the best supervised run: "
                              f"{per_seed}).")
-            svm = pooled(cells, SCRATCH, "svm")
-            supcon_svm = pooled(cells, SUPCON, "svm")
-            entry["versus_svm"] = {SCRATCH: svm, SUPCON: supcon_svm}
-            lines.append(f"- Against the RBF SVM on pixels: {LABELS[SCRATCH]} {svm['outcome']} it "
-                         f"(p={svm['mcnemar_exact_p']:.3g}); {LABELS[SUPCON]} {supcon_svm['outcome']} it "
-                         f"(p={supcon_svm['mcnemar_exact_p']:.3g}).")
+            against_svm = {name: pooled(cells, name, "svm") for name in names}
+            entry["versus_svm"] = against_svm
+            lines.append("- Against the RBF SVM on pixels: " + "; ".join(
+                f"{LABELS[name]} {v['outcome']} it (p={v['mcnemar_exact_p']:.3g})" for name, v in against_svm.items())
+                + ".")
             rule_rows = [[f"seed {c['seed']}", *[f"{c['rules'][r]['backbone_epoch']} / "
                                                   f"{percent(c['rules'][r]['test_accuracy'])}"
                                                   for r in SELECTION_RULES]] for c in cells]

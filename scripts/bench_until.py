@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import header, markdown_table, write_json  # noqa: E402
-from bench_quality import DATASETS, export, network_args, run  # noqa: E402
+from bench_quality import DATASETS, export, network_args, probe_from_auto, run  # noqa: E402
 
 from linear_probe.compare import mcnemar_exact  # noqa: E402
 
@@ -76,8 +76,8 @@ def run_variant(dataset: str, data: Path, seed: int, name: str, extra: list[str]
     run(None, name, ["supcon-train", "--data-folder", str(data / "train"), *common, *extra, "--run-dir", str(run_dir),
                      "--resume", *args.supcon_args.split()], args.threads, log)
     train_seconds = time.perf_counter() - start
-    run(None, "probe-all", ["probe-all", "--run", str(run_dir), "--from", "auto", "--seed", str(seed),
-                            "--num-workers", "0", "--quiet"], args.threads, log)
+    note = probe_from_auto(None, ["probe-all", "--run", str(run_dir), "--seed", str(seed), "--num-workers", "0",
+                                  "--quiet"], args.threads, log)
     run(None, "check-accuracies", ["check-accuracies", "--run", str(run_dir), "--output", str(run_dir),
                                    "--num-workers", "0", "--quiet"], args.threads, log)
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
@@ -86,7 +86,7 @@ def run_variant(dataset: str, data: Path, seed: int, name: str, extra: list[str]
     state = torch.load(run_dir / "last.pth", weights_only=True)
     decision = (state.get("plateau") or {}).get("decision")
     return {"dataset": dataset, "seed": seed, "variant": name, "epochs": int(state["epoch"]),
-            "train_seconds": round(train_seconds, 1), "decision": decision,
+            "train_seconds": round(train_seconds, 1), "decision": decision, "note": note,
             "selected_epoch": metrics["selection"]["backbone_epoch"],
             "val_accuracy": metrics["selection"]["val_accuracy"],
             "accuracy": metrics["metrics"]["accuracy"], "interval": metrics["metrics"]["intervals"]["accuracy"],
@@ -132,7 +132,10 @@ def summarize(results: list[dict], args: argparse.Namespace) -> tuple[dict, str]
         autos = sorted((r for r in results if r["dataset"] == dataset and r["variant"] == "until_plateau"),
                        key=lambda r: r["seed"])
         decisions = [c["decision"]["reason"] if c["decision"] else "-" for c in autos]
-        lines += ["- Why each auto-stopped run stopped: " + " | ".join(decisions), ""]
+        lines += ["- Why each auto-stopped run stopped: " + " | ".join(decisions)]
+        notes = [f"{r['variant'].replace('_', ' ')} seed {r['seed']}: {r['note']}" for r in results
+                 if r["dataset"] == dataset and r.get("note")]
+        lines += [*(["- Notes: " + "; ".join(notes) + "."] if notes else []), ""]
     return summary, "\n".join(lines)
 
 

@@ -117,7 +117,7 @@ def test_bench_quality_runs_the_whole_comparison_and_writes_its_table(tmp_path):
                          "--size", "16", "--per-class", "12,6,6", "--batch-size", "8", "--jobs", "1",
                          "--pixel-size", "8"])
     table = report["summary"]["textures"]["table"]
-    assert set(table) == {"supcon", "supcon_finetune", "ce_scratch", "svm", "logreg", "knn"}
+    assert set(table) == {"supcon", "supcon_finetune", "ce_scratch", "ce_scratch_2x", "svm", "logreg", "knn"}
     assert all(0 <= row["median"] <= 1 and len(row["per_seed"]) == 1 for row in table.values())
     verdicts = report["summary"]["textures"]["verdicts"]
     assert {v["outcome"] for v in verdicts.values()} <= {"beats", "ties with", "loses to"}

@@ -105,10 +105,13 @@ def test_end_to_end_over_the_runs_root(runs_root, trained_run, image_root, fake_
     report = json.loads((run / "test_metrics.json").read_text())
     best = select_best(load_head_records(run / "probe", run))
     selection = report["selection"]
-    # the default tests the chosen checkpoint's final head, with that head's val accuracy
+    # the default tests the chosen checkpoint's final head; the default head (L-BFGS) is one fit, so its
+    # final head is its only head: head epoch 1, the val accuracy of the C chosen on val
+    assert best.settings["head_solver"] == "lbfgs"
     assert (selection["checkpoint"], selection["head"]) == (best.checkpoint, "final")
-    assert selection["head_epoch"] == len(best.val_accuracy_per_epoch) == best.settings["epochs"]
-    assert selection["val_accuracy"] == best.val_accuracy_per_epoch[-1] and selection["candidates"] == 2
+    assert selection["head_epoch"] == best.best_head_epoch == 1
+    assert selection["val_accuracy"] == best.best_val_accuracy == max(best.val_accuracy_per_epoch)
+    assert selection["candidates"] == 2
     assert selection["rule"] == "trend" and "one standard error" in selection["rule_text"]
     assert "2 probed checkpoints span" in selection["note"] and "on 18 val images" in selection["note"]
     low, high = selection["val_accuracy_interval"]

@@ -29,7 +29,7 @@ def test_probe_all_into_a_log_file_writes_log_lines_without_bar_redraws(trained_
     with open(log, "w") as stderr:
         completed = subprocess.run(
             [sys.executable, "-c", "from linear_probe.cli import probe_all_main; probe_all_main()",
-             "--run", str(run), "--num-workers", "0", "--epochs", "3"],
+             "--run", str(run), "--num-workers", "0", "--head-solver", "sgd", "--epochs", "3"],
             stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     text = log.read_text()
     assert completed.returncode == 0, text

@@ -16,7 +16,7 @@ from linear_probe.heads import load_head_records, load_head_state
 from linear_probe.probe import HeadSettings, make_head
 from linear_probe.probe_all import probe_all
 from supcon.logistic import C_GRID, fit_logistic_regression, linear_scores
-from tests.probe_helpers import copy_run
+from tests.probe_helpers import copy_run, snapshot
 
 
 def blobs(num_classes: int, per_class: int, dim: int, seed: int, spread: float = 1.5):
@@ -73,7 +73,7 @@ def test_sgd_settings_keep_their_keys_and_lbfgs_records_only_what_it_uses():
 
 def test_probe_all_lbfgs_heads_beside_sgd_heads(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
-    probe_all(ProbeConfig(run=str(run), num_workers=0, epochs=3))
+    probe_all(ProbeConfig(run=str(run), num_workers=0, epochs=3, head_solver="sgd"))
     result = probe_all(ProbeConfig(run=str(run), num_workers=0, head_solver="lbfgs"))
     assert sorted(result.probed) == ["ckpt_epoch_2.pth", "ckpt_epoch_4.pth"]
     records = load_head_records(run / "probe", run)
@@ -95,6 +95,26 @@ def test_lbfgs_with_augment_is_refused(trained_run):
     result = CliRunner().invoke(probe_all_command, ["--run", str(trained_run), "--head-solver", "lbfgs", "--augment"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "Error: --head-solver lbfgs" in result.output and "--augment" in result.output
+
+
+@pytest.mark.parametrize(("options", "solver"), [({}, "lbfgs"), ({"augment": True}, "sgd"),
+                                                 ({"head_solver": "sgd", "learning_rate": 0.1}, "sgd"),
+                                                 ({"head_solver": "lbfgs", "epochs": 100}, "lbfgs")])
+def test_the_head_solver_a_config_resolves_to(options, solver):
+    config = ProbeConfig(run="r", **options)
+    config.validate()
+    assert config.head_solver == solver
+
+
+@pytest.mark.parametrize("argv", [["--lr", "0.1"], ["--epochs", "3"], ["--head-solver", "lbfgs", "--no-cosine"]])
+def test_an_sgd_option_with_the_lbfgs_head_is_refused_in_one_line(trained_run, tmp_path, argv):
+    """The default head is L-BFGS: an SGD-only option would be silently ignored, so it is refused instead."""
+    run = copy_run(trained_run, tmp_path / "run")
+    before = snapshot(run)
+    result = CliRunner().invoke(probe_all_command, ["--run", str(run), *argv])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Error: --" in result.output and "add --head-solver sgd" in result.output
+    assert snapshot(run) == before
 
 
 def test_equal_val_counts_give_equal_accuracies_for_both_heads():

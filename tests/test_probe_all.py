@@ -57,7 +57,7 @@ def test_cli_probes_every_checkpoint_and_writes_every_file(run_copy, tmp_path, m
     shutil.move(run_copy, runs / "tiny")
     run = runs / "tiny"
     write_baseline_config(runs / "newer_baseline")  # the newest run, but not a SupCon one: not picked
-    result = invoke(probe_all_command, ["--num-workers", "0", "--quiet", "--epochs", "30"])
+    result = invoke(probe_all_command, ["--num-workers", "0", "--quiet", "--head-solver", "sgd", "--epochs", "30"])
     assert result.exit_code == 0, result.stderr
     assert "| ckpt_epoch_2.pth | 2 |" in result.stdout and "| ckpt_epoch_4.pth | 4 |" in result.stdout
     assert "probed 2, skipped 0" in result.stdout
@@ -110,7 +110,7 @@ def test_new_head_settings_reuse_the_cached_features(probed_copy, monkeypatch):
         raise AssertionError("features were re-encoded")
 
     monkeypatch.setattr(features, "encode_samples", no_encoding)
-    result = probe_all(ProbeConfig(run=str(probed_copy), num_workers=0, learning_rate=0.1, epochs=5))
+    result = probe_all(ProbeConfig(run=str(probed_copy), num_workers=0, learning_rate=0.1, epochs=5, head_solver="sgd"))
     assert sorted(result.probed) == ["ckpt_epoch_2.pth", "ckpt_epoch_4.pth"]
     # both settings now in the table, told apart by a probe column
     assert len(read_table(probed_copy)) == 4
@@ -123,14 +123,14 @@ def test_mid_epoch_last_pth_is_probed_as_its_own_state(run_copy):
         state["encoder"]["bn1.bias"] += 0.01
 
     edit_checkpoint(run_copy / "last.pth", mid_epoch)
-    result = probe_all(ProbeConfig(run=str(run_copy), num_workers=0, epochs=5, from_epoch=3))
+    result = probe_all(ProbeConfig(run=str(run_copy), num_workers=0, epochs=5, from_epoch=3, head_solver="sgd"))
     assert result.probed == ["ckpt_epoch_4.pth", "last.pth"]
     assert "| last.pth | 4 + 3 steps |" in result.table_markdown
 
 
 def test_cached_and_augment_reach_similar_accuracy(run_copy):
     common = dict(run=str(run_copy), num_workers=0, from_epoch=4, epochs=6)
-    cached = probe_all(ProbeConfig(**common)).records
+    cached = probe_all(ProbeConfig(**common, head_solver="sgd")).records
     augmented = [r for r in probe_all(ProbeConfig(**common, augment=True)).records if r.settings["augment"]]
     assert len(cached) == 1 and len(augmented) == 1
     assert cached[0].best_val_accuracy >= 0.9 and augmented[0].best_val_accuracy >= 0.9
@@ -259,7 +259,8 @@ def test_truncated_checkpoint_is_listed_left_alone_and_the_others_probed(run_cop
     bad = run_copy / "ckpt_epoch_2.pth"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])  # cut short, as by a full disk
     damaged = bad.read_bytes()
-    result = invoke(probe_all_command, ["--run", run_copy, "--num-workers", "0", "--quiet", "--epochs", "3"])
+    result = invoke(probe_all_command, [
+        "--run", run_copy, "--num-workers", "0", "--quiet", "--head-solver", "sgd", "--epochs", "3"])
     assert result.exit_code == 0, result.output
     assert "not probed, unreadable (corrupt or truncated; left as they are): ckpt_epoch_2.pth" in result.stdout
     assert "skipping ckpt_epoch_2.pth: checkpoint" in result.stderr and "corrupt or truncated" in result.stderr
@@ -286,7 +287,8 @@ def test_a_checkpoint_deleted_by_keep_last_while_probe_all_runs_is_skipped_with_
         return original(*args, **kwargs)
 
     monkeypatch.setattr(probe_all_module, hooked, deleting)
-    result = invoke(probe_all_command, ["--run", run_copy, "--num-workers", "0", "--quiet", "--epochs", "3"])
+    result = invoke(probe_all_command, [
+        "--run", run_copy, "--num-workers", "0", "--quiet", "--head-solver", "sgd", "--epochs", "3"])
     assert result.exit_code == 0, result.output
     assert ("skipping ckpt_epoch_2.pth: it was deleted after probe-all listed it (a running training's --keep-last "
             "deletes older checkpoints)") in result.stderr
@@ -321,7 +323,7 @@ def test_two_probe_all_at_once_leave_complete_results(run_copy, tmp_path):
     import time
 
     log = tmp_path / "first.log"
-    args = ["--run", str(run_copy), "--num-workers", "0", "--epochs", "800"]
+    args = ["--run", str(run_copy), "--num-workers", "0", "--head-solver", "sgd", "--epochs", "800"]
     with open(log, "w") as stderr:
         first = subprocess.Popen([sys.executable, "-c", "from linear_probe.cli import probe_all_main; probe_all_main()",
                                   *args], stdout=subprocess.DEVNULL, stderr=stderr,

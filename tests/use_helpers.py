@@ -21,7 +21,7 @@ def plain_stem_probed_run(tmp_path_factory, train_folder: Path) -> Path:
         run_dir = tmp_path_factory.mktemp("plain_stem") / "run"
         train(tiny_config(train_folder, run_dir, small_input=False, epochs=2, save_freq=1, knn_every=1),
               progress=False)
-        probe_all(ProbeConfig(run=str(run_dir), num_workers=0, epochs=5, device="cpu"))
+        probe_all(ProbeConfig(run=str(run_dir), num_workers=0, epochs=5, device="cpu", head_solver="sgd"))
         _MADE["plain"] = run_dir
     return _MADE["plain"]
 
