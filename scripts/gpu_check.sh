@@ -82,7 +82,7 @@ if [ "$MODE" = full ]; then
     PROFILE=(--model resnet50 --size 224 --batch-size 64 --precision bf16 --channels-last --steps 10 --windows 4)
     PIPE_IMAGES=(192 64 64); PIPE_SIZE=256
     PIPE_TRAIN=(--model resnet50 --size 224 --batch-size 32 --epochs 2 --num-workers "$WORKERS")
-    PIPE_PROBE=(--epochs 30 --num-workers 4)
+    PIPE_PROBE=(--num-workers 4)
     BUDGETS=(80 115 45 40 40 10 55 35 20 40)  # seconds per stage, in the order below: 480 in all
 else
     TESTS=(tests/test_gpu_augment.py -k cuda_gives_the_cpu_result)  # the CUDA check skips; plumbing only
@@ -97,7 +97,7 @@ else
     PROFILE=(--model test_resnet --small-input --size 16 --batch-size 4 --steps 2 --log-every 2 --windows 1)
     PIPE_IMAGES=(24 12 12); PIPE_SIZE=40
     PIPE_TRAIN=(--model test_resnet --small-input --size 32 --batch-size 8 --epochs 1 --num-workers 0)
-    PIPE_PROBE=(--epochs 5 --num-workers 0 --device cpu)
+    PIPE_PROBE=(--num-workers 0 --device cpu)
     BUDGETS=(60 60 60 0 60 30 60 60 60 60)
 fi
 
