@@ -9,6 +9,7 @@ every collective here does nothing.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,7 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from supcon.errors import UserError
 from supcon.heartbeat import Heartbeat, beat_interval
-from supcon.launch import DEFAULT_DIST_TIMEOUT, check_not_alone, launched_world_size
+from supcon.launch import DEFAULT_DIST_TIMEOUT, check_not_alone, launched_world_size, restart_count
 
 
 def default_precision() -> str:
@@ -29,6 +30,34 @@ def default_precision() -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def join_restarted_group(world: int, dist_timeout: float) -> bool:
+    """Join the process group of a torchrun restart in store keys of its own; True if this process did.
+
+    torchrun's agent keeps one store for the whole launch (``TORCHELASTIC_USE_AGENT_STORE``) and the
+    restarted processes meet in it under the same keys as the processes they replace: gloo then finds
+    the dead processes' addresses there and fails ("connectFullMesh ... Connection refused") whenever a
+    peer reads them before their successor overwrote them. The restart's keys get the restart count as
+    prefix (every process of a group restarted together has the same count); Accelerate then uses this
+    group as it finds it. A first attempt, or a store of the restart's own, is left to Accelerate.
+    """
+    attempt = restart_count()
+    if world < 2 or attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    if torch.distributed.is_initialized():
+        return False
+    timeout = timedelta(seconds=dist_timeout)
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                       is_master=False, timeout=timeout)
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    own_keys = torch.distributed.PrefixStore(f"supcon/restart_{attempt}", store)
+    torch.distributed.init_process_group(backend, store=own_keys, rank=int(os.environ["RANK"]), world_size=world,
+                                         timeout=timeout)
+    return True
 
 
 def make_accelerator(precision: str, dist_timeout: float = DEFAULT_DIST_TIMEOUT) -> Accelerator:
@@ -51,6 +80,7 @@ def make_accelerator(precision: str, dist_timeout: float = DEFAULT_DIST_TIMEOUT)
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
         if not torch.cuda.is_available():
             kwargs["cpu"] = True
+        join_restarted_group(launched, dist_timeout)
     accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision], **kwargs)
     if launched > 1 and accelerator.num_processes != launched:
         raise UserError(f"the launcher started {launched} processes, but this one joined a group of "

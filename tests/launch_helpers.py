@@ -34,10 +34,14 @@ STEPS_PER_EPOCH = 4
 #: supcon-train, with ``HOOK`` done in the ``HOOK_AT_STEP``-th step (1-based) of the first attempt (not after a
 #: torchrun restart) on rank ``HOOK_RANK`` ("all": every rank). ``HOOK``: ``pause`` writes this process's pid to
 #: ``HOOK_MARKER`` and sleeps; ``sigterm`` sends it SIGTERM (a preemption: save mid-epoch and exit 143).
+#: ``RESTART_DELAY_RANK_0``: seconds rank 0 of a restart waits before it starts (its peers reach the store first).
 STEP_HOOK_TRAIN = r"""
 import os, signal, sys, time
 import supcon.losses
 from supcon.cli import main
+
+if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("RANK") == "0":
+    time.sleep(float(os.environ.get("RESTART_DELAY_RANK_0", "0")))
 
 original = supcon.losses.SupConLoss.forward
 calls = 0

@@ -182,8 +182,10 @@ def test_max_restarts_needs_a_run_dir(train_folder, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_torchrun_restarts_after_a_kill_9_and_the_run_resumes_by_itself(train_folder, two_process_run, tmp_path):
     run_dir, marker, log = tmp_path / "run", tmp_path / "paused", tmp_path / "train.log"
-    # rank 1 pauses in epoch 2, step 2 (of the first attempt only); the test kills it there
-    env = launch_env(HOOK="pause", HOOK_RANK="1", HOOK_AT_STEP=str(STEPS_PER_EPOCH + 2), HOOK_MARKER=str(marker))
+    # rank 1 pauses in epoch 2, step 2 (of the first attempt only); the test kills it there. Rank 0 of the restart
+    # starts late: rank 1 meets the killed group's gloo addresses in torchrun's store, which must not mislead it
+    env = launch_env(HOOK="pause", HOOK_RANK="1", HOOK_AT_STEP=str(STEPS_PER_EPOCH + 2), HOOK_MARKER=str(marker),
+                     RESTART_DELAY_RANK_0="8")
     launcher = start([TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", hook_script(tmp_path),
                       "--data-folder", train_folder, "--run-dir", run_dir, *MODEL_ARGS, "--batch-size", BATCH_ON_TWO],
                      tmp_path, log, env)
