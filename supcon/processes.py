@@ -1,7 +1,8 @@
 """The processes of one run: the accelerator and its group, and what ends a run from another process.
 
-:func:`make_accelerator` joins the processes a launcher started (and refuses a process that would
-train alone); :class:`RunProcesses` adds the heartbeat, a main-process check every process agrees on
+:func:`make_accelerator` joins the processes a launcher started (a torchrun restart in store keys of
+its own: :func:`join_restarted_group`) and refuses a process that would train alone;
+:class:`RunProcesses` adds the heartbeat, a main-process check every process agrees on
 (:meth:`RunProcesses.agree`), and the messages for a peer that exited or went silent
 (:func:`peer_gone`, :func:`timed_out`, :meth:`RunProcesses.timeout_message`). With one process
 every collective here does nothing.
