@@ -71,6 +71,25 @@ def check_not_alone() -> None:
                         "also on CPUs: gloo), or launch with torchrun")
 
 
+def check_restarts_can_meet() -> None:
+    """Refuse ``torchrun --max-restarts`` on several nodes while torchrun keeps one store for every restart.
+
+    With the store shared (``TORCHELASTIC_USE_AGENT_STORE``, torch's default), restarted processes meet
+    under the keys of the processes they replace and may read their dead addresses. On one node this
+    process avoids that by itself (the restart count as key prefix: one agent, one count); several
+    nodes count restarts apart, so they need torch's fresh store per restart instead.
+
+    Raises:
+        UserError: naming the variable to export.
+    """
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if max_restarts() and shared_store and _int_env("GROUP_WORLD_SIZE", 1) > 1:
+        raise UserError(f"torchrun --max-restarts {max_restarts()} on {_int_env('GROUP_WORLD_SIZE', 1)} nodes: "
+                        "torchrun keeps one store for all restarts, where the restarted processes would meet the "
+                        "failed ones' addresses; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun on every "
+                        "node (scripts/slurm/torchrun_node.sh does), or launch without --max-restarts")
+
+
 def launch_facts(processes: int, backend: str | None, dist_timeout: float) -> dict[str, Any]:
     """``run_info["launch"]``: how this session was launched (nodes, processes per node, backend, id, restart)."""
     return {"nodes": _int_env("GROUP_WORLD_SIZE", 1), "processes_per_node": _int_env("LOCAL_WORLD_SIZE", processes),

@@ -23,7 +23,13 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from supcon.errors import UserError
 from supcon.heartbeat import Heartbeat, beat_interval
-from supcon.launch import DEFAULT_DIST_TIMEOUT, check_not_alone, launched_world_size, restart_count
+from supcon.launch import (
+    DEFAULT_DIST_TIMEOUT,
+    check_not_alone,
+    check_restarts_can_meet,
+    launched_world_size,
+    restart_count,
+)
 
 
 def default_precision() -> str:
@@ -40,8 +46,9 @@ def join_restarted_group(world: int, dist_timeout: float) -> bool:
     restarted processes meet in it under the same keys as the processes they replace: gloo then finds
     the dead processes' addresses there and fails ("connectFullMesh ... Connection refused") whenever a
     peer reads them before their successor overwrote them. The restart's keys get the restart count as
-    prefix (every process of a group restarted together has the same count); Accelerate then uses this
-    group as it finds it. A first attempt, or a store of the restart's own, is left to Accelerate.
+    prefix (one node: one agent, one count for all its processes; several nodes with a shared store are
+    refused by :func:`supcon.launch.check_restarts_can_meet`); Accelerate then uses this group as it finds
+    it. A first attempt, or a store of the restart's own, is left to Accelerate.
     """
     attempt = restart_count()
     if world < 2 or attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
@@ -75,6 +82,7 @@ def make_accelerator(precision: str, dist_timeout: float = DEFAULT_DIST_TIMEOUT)
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
     check_not_alone()
+    check_restarts_can_meet()
     launched = launched_world_size()
     kwargs: dict[str, Any] = {}
     if launched > 1:

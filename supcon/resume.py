@@ -135,25 +135,35 @@ class RunDirSession(RunProcesses):
     def resume_wanted(self, resume: bool) -> bool:
         """``resume``, or True when torchrun's elastic agent restarted the launch that wrote the run (logged).
 
-        A restarted process (``TORCHELASTIC_RESTART_COUNT`` > 0) continues the run as ``--resume`` would,
-        unless the run directory records another launch id (then it was not this launch's run: the
-        restart does what the command line says).
+        Under ``torchrun --max-restarts`` the main process decides for all: the run is resumed, as
+        ``--resume`` would, when its directory records this launch's id (a process of this launch wrote
+        it, so this is a restart), or when it holds no run yet and this is a restart
+        (``TORCHELASTIC_RESTART_COUNT`` > 0). Not the restart count alone: on several nodes torchrun
+        counts restarts per node, and a node whose processes were still running when another node's
+        failed starts them again with its count unchanged.
         """
-        restart = restart_count()
-        if resume or not restart:
+        if resume or not max_restarts():
             return resume
-        return self.agree(lambda: self._restart_resumes(restart))
+        return self.agree(self._restart_resumes)
 
-    def _restart_resumes(self, restart: int) -> bool:
-        if (self.run_dir / CONFIG_FILE).is_file():
-            _, run_info = split_config(read_config(self.run_dir))
-            written_by = (run_info.get("launch") or {}).get("launch_id")
-            if written_by != launch_id():
+    def _restart_resumes(self) -> bool:
+        restart = restart_count()
+        if not (self.run_dir / CONFIG_FILE).is_file():
+            return restart > 0
+        _, run_info = split_config(read_config(self.run_dir))
+        written_by = (run_info.get("launch") or {}).get("launch_id")
+        if written_by != launch_id():
+            if restart:
                 logger.warning("torchrun restart %d: %s was written by another launch (id %s; this one: %s), so it "
                                "is not resumed without --resume", restart, self.run_dir, written_by, launch_id())
-                return False
-        logger.warning("torchrun restarted the processes (restart %d of at most %d): resuming %s from its last state",
-                       restart, max_restarts(), self.run_dir)
+            return False
+        if restart:
+            logger.warning("torchrun restarted the processes (restart %d of at most %d): resuming %s from its last "
+                           "state", restart, max_restarts(), self.run_dir)
+        else:
+            logger.warning("torchrun started the processes again (this node counts no restart: another node's "
+                           "processes failed, or the launch id %s was used before): resuming %s, which this launch "
+                           "wrote, from its last state", launch_id(), self.run_dir)
         return True
 
     def per_process_batch(self, recorded: RecordedRun | None, batch_size: int) -> int:

@@ -169,6 +169,32 @@ def test_a_restart_resumes_the_run_of_its_own_launch_only(trained_run, train_fol
     assert f"run {run_dir} is finished: 4 of 4 epochs done" in result.output
 
 
+def test_a_node_that_counts_no_restart_resumes_the_run_its_launch_wrote(trained_run, train_folder, tmp_path,
+                                                                        monkeypatch):
+    # on several nodes, a node whose processes were still running when another node's failed is started again by
+    # its agent with TORCHELASTIC_RESTART_COUNT unchanged: the run's launch id, not the count, says it is a restart
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["run_info"]["launch"] = {"launch_id": "this-launch"}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    restarted(monkeypatch, "this-launch")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    result = CliRunner().invoke(train_command, ["--data-folder", str(train_folder), "--run-dir", str(run_dir),
+                                                *RESTART_ARGS])
+    assert result.exit_code == 0, result.output
+    assert (f"torchrun started the processes again (this node counts no restart: another node's processes failed, "
+            f"or the launch id this-launch was used before): resuming {run_dir}, which this launch wrote, from its "
+            "last state") in result.output
+    assert f"run {run_dir} is finished: 4 of 4 epochs done" in result.output
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "a-new-launch")  # a first attempt of another launch: refused as ever
+    result = CliRunner().invoke(train_command, ["--data-folder", str(train_folder), "--run-dir", str(run_dir),
+                                                *RESTART_ARGS])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: run dir {run_dir} already exists and is not empty; pass "
+                                                  "--resume to continue it, or choose another --run-dir"]
+
+
 def test_max_restarts_needs_a_run_dir(train_folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
@@ -201,6 +227,48 @@ def test_torchrun_restarts_after_a_kill_9_and_the_run_resumes_by_itself(train_fo
     info = yaml.safe_load((run_dir / "config.yaml").read_text())["run_info"]
     assert info["launch"]["restart"] == 1 and info["num_processes"] == 2
     assert_same_weights(run_dir, two_process_run)
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_restart_after_a_kill_9_and_resume_by_themselves(train_folder, two_process_run, tmp_path):
+    # node 1's process pauses in epoch 2 and is killed: node 1 counts a restart; node 0, whose process only lost its
+    # peer, may be started again by its agent with no restart counted. A fresh store per restart, as the SLURM
+    # recipe sets it
+    run_dir, port, folders, marker = tmp_path / "shared" / "run", free_port(), node_folders(tmp_path), tmp_path / "p"
+    env = launch_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", HOOK="pause", HOOK_RANK="1",
+                     HOOK_AT_STEP=str(STEPS_PER_EPOCH + 2), HOOK_MARKER=str(marker))
+    script = hook_script(tmp_path)
+    launchers = [start([TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", node, "--rdzv-backend",
+                        "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "--max-restarts", "1",
+                        script, "--data-folder", train_folder, "--run-dir", run_dir, *MODEL_ARGS, "--batch-size",
+                        BATCH_ON_TWO], folder, folder / "node.log", env) for node, folder in zip((0, 1), folders)]
+    pid = wait_for_marker(marker, launchers, folders[1] / "node.log")
+    subprocess.run(["kill", "-9", str(pid)], check=True, timeout=10)
+    logs = lambda: "\n".join((folder / "node.log").read_text()[-2000:] for folder in folders)  # noqa: E731
+    assert wait_all(launchers, timeout=300) == [0, 0], logs()
+    text = "".join((folder / "node.log").read_text() for folder in folders)
+    assert f"resuming {run_dir} at epoch 2 (1 of 2 epochs done)" in text
+    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+    assert_same_weights(run_dir, two_process_run)
+
+
+def test_several_nodes_with_max_restarts_need_a_fresh_store_per_restart(train_folder, tmp_path, monkeypatch):
+    # what torchrun --nnodes 2 --max-restarts 1 gives a process when torchrun shares its store (torch's default)
+    for name, value in {"TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    args = ["--data-folder", str(train_folder), "--run-dir", str(tmp_path / "run"), *MODEL_ARGS]
+    result = CliRunner().invoke(train_command, args)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: torchrun --max-restarts 1 on 2 nodes: torchrun keeps one store for all restarts, where the restarted "
+        "processes would meet the failed ones' addresses; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun "
+        "on every node (scripts/slurm/torchrun_node.sh does), or launch without --max-restarts"]
+    assert list(tmp_path.iterdir()) == []
+    node_script = (SLURM / "torchrun_node.sh").read_text()
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in node_script.split("exec ")[0]
 
 
 # --- the SLURM recipe -------------------------------------------------------------------------------------------
