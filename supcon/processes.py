@@ -39,8 +39,8 @@ def default_precision() -> str:
     return "fp32"
 
 
-def join_restarted_group(world: int, dist_timeout: float) -> bool:
-    """Join the process group of a torchrun restart in store keys of its own; True if this process did.
+def join_restarted_group(world: int, dist_timeout: float) -> None:
+    """Join the process group of a torchrun restart (of ``world`` processes) in store keys of its own.
 
     torchrun's agent keeps one store for the whole launch (``TORCHELASTIC_USE_AGENT_STORE``) and the
     restarted processes meet in it under the same keys as the processes they replace: gloo then finds
@@ -51,10 +51,8 @@ def join_restarted_group(world: int, dist_timeout: float) -> bool:
     it. A first attempt, or a store of the restart's own, is left to Accelerate.
     """
     attempt = restart_count()
-    if world < 2 or attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return False
-    if torch.distributed.is_initialized():
-        return False
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized():
+        return
     timeout = timedelta(seconds=dist_timeout)
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                        is_master=False, timeout=timeout)
@@ -65,7 +63,6 @@ def join_restarted_group(world: int, dist_timeout: float) -> bool:
     own_keys = torch.distributed.PrefixStore(f"supcon/restart_{attempt}", store)
     torch.distributed.init_process_group(backend, store=own_keys, rank=int(os.environ["RANK"]), world_size=world,
                                          timeout=timeout)
-    return True
 
 
 def make_accelerator(precision: str, dist_timeout: float = DEFAULT_DIST_TIMEOUT) -> Accelerator:
