@@ -6,6 +6,9 @@ the training images (a seeded subset of ``--probe-max-images`` when there are mo
 on the val folder: val accuracy with its 95% Wilson interval, and val cross-entropy. The features
 are the kNN monitor's (one encoder pass serves both when they fall on the same epoch).
 
+Which val images the head gets right is kept too (``val_correct``), so that two probes of the run
+can be compared image by image (:mod:`supcon.stopping`).
+
 The result goes to ``metrics.csv`` (``probe_accuracy``, ``probe_low``, ``probe_high``,
 ``probe_loss``, ``probe_num_val``, ``probe_seconds``: the fit, plus the encoder pass when the kNN
 monitor did not need it anyway), TensorBoard (``monitor/probe_accuracy``), the epoch's log line and the checkpoint
@@ -41,6 +44,7 @@ class LiveProbe:
     num_val: int
     c: float
     seconds: float  # the fit (the trainer adds the encoder pass when it was made for the probe alone)
+    val_correct: str = ""  # "1"/"0" per val image, in the val folder's order: probes compared image by image
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,5 +78,6 @@ def live_probe(epoch: int, train_features: torch.Tensor, train_labels: torch.Ten
                                   num_classes)
     num_val = len(val_labels)
     low, high = wilson_interval(round(fit.val_accuracy * num_val), num_val)
+    correct = "".join("1" if hit else "0" for hit in (fit.val_predictions == val_labels.cpu().long()).tolist())
     return LiveProbe(epoch, float(fit.val_accuracy), float(low), float(high), float(fit.val_loss),
-                     len(train_labels), num_val, float(fit.c), time.perf_counter() - start)
+                     len(train_labels), num_val, float(fit.c), time.perf_counter() - start, correct)

@@ -50,6 +50,7 @@ class LogisticFit:
     train_loss_per_c: list[float] = field(default_factory=list)
     c_grid: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    val_predictions: torch.Tensor | None = None  # [num_val] class indices of the chosen C's head
 
 
 def standardizer(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,9 +119,9 @@ def fit_logistic_regression(train_features: torch.Tensor, train_labels: torch.Te
         fit.val_loss_per_c.append(val_loss)
         fit.train_loss_per_c.append(_cross_entropy(train_logits, torch.from_numpy(y_train).long()))
         if best is None or (val_accuracy, -val_loss) > best[:2]:
-            best = (val_accuracy, -val_loss, c, weight, bias)
+            best = (val_accuracy, -val_loss, c, weight, bias, val_logits.argmax(1))
     fit.val_accuracy, fit.val_loss, fit.c = best[0], -best[1], float(best[2])
-    fit.weight, fit.bias = best[3].float(), best[4].float()
+    fit.weight, fit.bias, fit.val_predictions = best[3].float(), best[4].float(), best[5]
     fit.seconds = time.perf_counter() - start
     return fit
 

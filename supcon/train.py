@@ -30,7 +30,7 @@ from supcon.models import check_model_name
 from supcon.processes import default_precision
 from supcon.resume import RecordedRun
 from supcon.rundir import BAD_IMAGES_FILE, epoch_checkpoints, image_listing, load_supcon_checkpoint
-from supcon.schedule import AUTO_WARM_ABOVE_BATCH
+from supcon.schedule import AUTO_WARM_ABOVE_BATCH, LRSchedule
 from supcon.stopping import StopDecision
 from supcon.trainer import METRIC_FIELDS, TENSORBOARD_TAGS, SupConTrainer
 
@@ -62,7 +62,9 @@ def _refuse_changes(engine: RunEngine, recorded: RecordedRun | None, config: Tra
     ignore = RUNTIME_KEYS - PLATEAU_KEYS if config.until == "plateau" else RUNTIME_KEYS
     if recorded is not None and recorded.options.get("epochs") not in (None, config.epochs):
         run_epochs = int(recorded.options["epochs"])
-        if config.schedule_kind != "step" or config.epochs < run_epochs:
+        if _fixed_wsd(config) and recorded.options.get("schedule") == "wsd":
+            ignore = ignore | {"epochs"}  # judged once the state is loaded: _refuse_wsd_epochs
+        elif config.schedule_kind != "step" or config.epochs < run_epochs:
             raise UserError(
                 f"run dir {engine.run_dir} was started with --epochs {run_epochs}, now {config.epochs}: "
                 + ("a run cannot be shortened; its numbered checkpoints hold the epochs you want"
@@ -73,6 +75,47 @@ def _refuse_changes(engine: RunEngine, recorded: RecordedRun | None, config: Tra
         ignore = ignore | {"epochs"}  # the step schedule and warm-up do not depend on the total
     engine.refuse_changes(recorded, to_yaml_dict(config), ignore, global_batch, config.batch_size,
                           defaults=to_yaml_dict(TrainConfig()))
+
+
+def _fixed_wsd(config: TrainConfig) -> bool:
+    return config.schedule_kind == "wsd" and config.until == "epochs"
+
+
+def _refuse_wsd_epochs(run_dir: Path, recorded: RecordedRun | None, config: TrainConfig,
+                       state: dict[str, Any] | None) -> None:
+    """A WSD run takes a new ``--epochs`` on resume, longer or shorter, while it is still at its stable rate.
+
+    The stable phase does not depend on ``--epochs`` (warm-up, then a constant rate), so a run that has not
+    started its cool-down, resumed with a cool-down that starts no earlier than where it is, trains exactly as
+    a run started with the new ``--epochs``: train longer when the live probe still rises, or cool down sooner.
+
+    Raises:
+        UserError: the run (or the new cool-down) has reached the cool-down; names both epochs.
+    """
+    if (recorded is None or state is None or recorded.options.get("epochs") in (None, config.epochs)
+            or not _fixed_wsd(config)):
+        return
+    run_epochs = int(recorded.options["epochs"])
+    fraction = float(recorded.options.get("cooldown_fraction", config.cooldown_fraction))
+    run_start = run_epochs - LRSchedule.cooldown_length(run_epochs, fraction)
+    new_start = config.epochs - LRSchedule.cooldown_length(config.epochs, config.cooldown_fraction)
+    trained = int(state["epoch"]) + (1 if state.get("epoch_state", {}).get("steps_done") else 0)
+    if trained > run_start:
+        raise UserError(f"run dir {run_dir} was started with --epochs {run_epochs}, now {config.epochs}: its WSD "
+                        f"cool-down began after epoch {run_start} and it has trained {trained}, so it is no longer at "
+                        "its stable rate; start a new run with the --epochs you want")
+    if trained > new_start:
+        raise UserError(f"run dir {run_dir}: with --epochs {config.epochs} the WSD cool-down would begin after epoch "
+                        f"{new_start}, but {trained} epochs are trained; choose --epochs of at least "
+                        f"{_wsd_epochs_for_start(trained, config.cooldown_fraction)}")
+
+
+def _wsd_epochs_for_start(start: int, fraction: float) -> int:
+    """The smallest ``--epochs`` whose WSD cool-down starts after epoch ``start`` or later."""
+    epochs = start + 1
+    while epochs - LRSchedule.cooldown_length(epochs, fraction) < start:
+        epochs += 1
+    return epochs
 
 
 def _finished_message(run_dir: Path, state: dict[str, Any], config: TrainConfig) -> str | None:
@@ -88,6 +131,8 @@ def _finished_message(run_dir: Path, state: dict[str, Any], config: TrainConfig)
         return None
     how = ("resume it with a larger --epochs (the step schedule does not depend on it)"
            if config.schedule_kind == "step" else
+           "start a new run (a WSD run takes a larger --epochs on --resume only before its cool-down begins)"
+           if _fixed_wsd(config) else
            f"start a new run with the --epochs you want (the {config.schedule_kind} schedule is set by --epochs, "
            "so extending "
            "this run would not give the run a longer --epochs gives)")
@@ -196,6 +241,7 @@ def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResul
         recorded=recorded.options if recorded else None, recorded_info=recorded.run_info if recorded else None)
     _refuse_changes(engine, recorded, config, facts["global_batch"])
     resume_state = engine.last_state(load_supcon_checkpoint, recorded)
+    _refuse_wsd_epochs(run_dir, recorded, config, resume_state)
     finished = _finished_message(run_dir, resume_state, config) if resume_state is not None else None
     if finished:
         logger.info("%s", finished)

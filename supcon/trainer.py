@@ -224,9 +224,11 @@ class SupConTrainer:
         if fired:
             logger.warning("epoch %d: the loss has sat at the collapsed value %.4f for %d epochs: %s", epoch_done,
                            self.collapsed_value, self.detector.epochs_collapsed, COLLAPSE_ADVICE)
-            if config.stop_on_collapse and end_reason is None:
+            if (config.stop_on_collapse or config.until == "plateau") and end_reason is None:
                 self.stopped_on_collapse = True
-                end_reason = f"stopping (--stop-on-collapse); checkpoints are kept in {self.engine.run_dir}"
+                option = "--stop-on-collapse" if config.stop_on_collapse else "--until plateau"
+                end_reason = (f"stopping ({option}): the loss sat at the collapsed level for "
+                              f"{self.detector.epochs_collapsed} epochs; checkpoints are kept in {self.engine.run_dir}")
         return EpochEnd(row, summary, files, end_reason)
 
     @property
@@ -241,7 +243,8 @@ class SupConTrainer:
             return None
         self.plateau.record_loss(epoch_done, loss)
         if self.probe is not None:
-            self.plateau.record_probe(epoch_done, self.probe.val_accuracy, self.probe.num_val)
+            self.plateau.record_probe(epoch_done, self.probe.val_accuracy, self.probe.num_val,
+                                     self.probe.val_correct)
         decision = self.plateau.check(epoch_done, probed=self.probe is not None)
         if decision is not None:
             self._cool_down(decision)

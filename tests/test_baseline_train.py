@@ -184,7 +184,7 @@ def test_schedulers_at_start_middle_and_end():
     assert plateau == pytest.approx([0.1] * 5 + [0.05] * 3 + [0.025] * 2)
 
 
-@pytest.mark.parametrize("preset", ["none", "flip", "standard"])
+@pytest.mark.parametrize("preset", ["none", "flip", "standard", "supcon"])
 def test_augmentation_presets_give_normalised_tensors_of_the_requested_size(preset, image_root):
     from PIL import Image
 
@@ -201,3 +201,9 @@ def test_augmentation_presets_give_normalised_tensors_of_the_requested_size(pres
         assert [type(t).__name__ for t in transform.transforms] == [
             "RandomResizedCrop", "RandomHorizontalFlip", "RandomRotation", "ColorJitter", "ToTensor", "Normalize",
             "RandomErasing"]
+    if preset == "supcon":  # supcon-train's own recipe: crops from a fifth of the image up, grey-scale
+        from supcon.data import two_view_augmentation
+
+        ops = {type(t).__name__: t for t in transform.transforms}
+        assert ops["RandomResizedCrop"].scale == (0.2, 1.0) and ops["RandomGrayscale"].p == 0.2
+        assert repr(transform) == repr(two_view_augmentation(24, [0.5] * 3, [0.25] * 3))

@@ -181,3 +181,20 @@ def test_knn_monitor_features_come_from_every_process():
         # every process holds every sample once, in order (the padding of the last shard is dropped)
         assert features == [float(i) for i in range(11)]
         assert labels == [i % 3 for i in range(11)]
+
+
+def test_until_plateau_ends_a_collapsed_run_with_one_line(train_folder, tmp_path, monkeypatch, caplog):
+    import supcon.train as train_module
+    import supcon.trainer as trainer_module
+    from supcon.models import SupConModel
+
+    monkeypatch.setattr(trainer_module, "build_model", lambda **kw: SupConModel(ConstantEncoder(), kw["feat_dim"]))
+    config = tiny_config(train_folder, tmp_path / "run", epochs=30, collapse_patience=2, until="plateau",
+                         probe_every=1, knn_every=0)
+    with caplog.at_level(logging.INFO):
+        result = train_module.train(config, progress=False)
+    assert result.stopped_on_collapse and result.exit_code == 3
+    assert result.epochs_done == 2  # not trained to the --epochs ceiling
+    ending = [r.getMessage() for r in caplog.records if "stopping (--until plateau)" in r.getMessage()]
+    assert len(ending) == 1 and "collapsed level for 2 epochs" in ending[0]
+    assert (tmp_path / "run" / "last.pth").is_file()

@@ -38,7 +38,8 @@ def test_a_plateau_stops_after_the_patience_window_with_a_cooldown_of_its_share(
     decision = rule.decision
     assert (decision.epoch, decision.cooldown_epochs, decision.last_epoch) == (45, 9, 54)  # 20% of 45 epochs
     assert decision.best_accuracy == pytest.approx(0.80) and decision.best_epoch == 30
-    assert decision.message().startswith("val accuracy within noise") and "last 40% of the run" in decision.message()
+    assert decision.message().startswith("no live probe of the last 40% of the run beat epoch 25's 79.0% by more "
+                                         "than one unpaired standard error (2.9 points")
     assert decision.message().endswith("cooled down over epochs 46-54; stopped")
 
 

@@ -289,6 +289,60 @@ def test_a_step_schedule_run_extended_with_resume_equals_a_longer_run(train_fold
     assert_one_line_error(shorter, "started with --epochs 3, now 2", "cannot be shortened")
 
 
+def _interrupt_at_step(monkeypatch, step: int) -> None:
+    original = SupConLoss.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SupConLoss, "forward", forward)
+
+
+@pytest.mark.parametrize("started_with, resumed_with", [(12, 5), (5, 10)])
+def test_a_wsd_run_at_its_stable_rate_takes_a_new_epochs_on_resume(train_folder, tmp_path, monkeypatch, started_with,
+                                                                   resumed_with):
+    """WSD's rate before the cool-down does not depend on --epochs: a run stopped in epoch 3 (its stable phase) and
+    resumed with another --epochs, shorter or longer, ends with the weights of a run started with it."""
+    args = [*SMALL_ARGS, "--data-folder", train_folder, "--schedule", "wsd", "--seed", "1"]
+    straight, changed = tmp_path / "straight", tmp_path / "changed"
+    assert invoke([*args, "--run-dir", straight, "--epochs", str(resumed_with)]).exit_code == 0
+    steps_per_epoch = int(torch.load(straight / "last.pth", weights_only=True)["global_step"]) // resumed_with
+    _interrupt_at_step(monkeypatch, 2 * steps_per_epoch + 2)  # mid-epoch 3: before either cool-down (from 4)
+    assert invoke([*args, "--run-dir", changed, "--epochs", str(started_with)]).exit_code == 130
+    monkeypatch.undo()
+    result = invoke([*args, "--run-dir", changed, "--epochs", str(resumed_with), "--resume"])
+    assert result.exit_code == 0, result.output
+    got, expected = (torch.load(d / "last.pth", weights_only=True) for d in (changed, straight))
+    assert got["epoch"] == expected["epoch"] == resumed_with
+    assert all(torch.equal(got["encoder"][k], expected["encoder"][k]) for k in expected["encoder"])
+    assert yaml.safe_load((changed / "config.yaml").read_text())["epochs"] == resumed_with
+    assert [float(r["lr"]) for r in read_metrics(changed)] == [float(r["lr"]) for r in read_metrics(straight)]
+
+
+def test_a_wsd_run_in_its_cool_down_refuses_a_new_epochs(train_folder, tmp_path, monkeypatch):
+    args = [*SMALL_ARGS, "--data-folder", train_folder, "--schedule", "wsd", "--seed", "1"]
+    run_dir = tmp_path / "run"
+    assert invoke([*args, "--run-dir", run_dir, "--epochs", "5"]).exit_code == 0  # cool-down: epoch 5
+    before = (run_dir / "last.pth").read_bytes()
+    result = invoke([*args, "--run-dir", run_dir, "--epochs", "8", "--resume"])
+    assert_one_line_error(result, "started with --epochs 5, now 8", "cool-down began after epoch 4")
+    assert (run_dir / "last.pth").read_bytes() == before
+    # a run at its stable rate (stopped in epoch 6 of 20), but a new cool-down that would begin after epoch 4
+    short = tmp_path / "short"
+    steps_per_epoch = int(torch.load(run_dir / "last.pth", weights_only=True)["global_step"]) // 5
+    _interrupt_at_step(monkeypatch, 5 * steps_per_epoch + 2)
+    assert invoke([*args, "--run-dir", short, "--epochs", "20"]).exit_code == 130
+    monkeypatch.undo()
+    before = (short / "last.pth").read_bytes()
+    result = invoke([*args, "--run-dir", short, "--epochs", "5", "--resume"])
+    assert_one_line_error(result, "would begin after epoch 4", "6 epochs are trained", "--epochs of at least 8")
+    assert (short / "last.pth").read_bytes() == before
+
+
 # --- bad input: one line, non-zero exit, nothing written -----------------------------------------------------
 
 

@@ -78,7 +78,8 @@ D = BaselineConfig()
 @click.option("--monitor", type=click.Choice(MONITORS), default=D.monitor, show_default=True,
               help="Validation value that picks best.pth and drives early stopping / plateau.")
 @click.option("--augment", type=click.Choice(AUGMENTATIONS), default=D.augment, show_default=True,
-              help="none; flip; standard = crop, flip, rotation, colour jitter, random erasing.")
+              help="none; flip; standard = crop 0.8-1, flip, rotation, colour jitter, random erasing; supcon = "
+                   "supcon-train's augmentation (crop 0.2-1, strong colour jitter, grey-scale), one view.")
 @click.option("--size", type=int, default=D.size, show_default=True, help="Input size (pixels).")
 @click.option("--mean", type=str, help='Normalisation mean "r,g,b" [default: computed from the training images].')
 @click.option("--std", type=str, help='Normalisation std "r,g,b" [default: computed from the training images].')

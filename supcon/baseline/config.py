@@ -20,7 +20,7 @@ from supcon.errors import UserError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 LOSSES = ("ce", "bce")
-AUGMENTATIONS = ("none", "flip", "standard")
+AUGMENTATIONS = ("none", "flip", "standard", "supcon")
 MONITORS = ("val_loss", "val_accuracy")
 #: scikit-learn classifiers on pixels or frozen features (see :mod:`supcon.baseline.classical`).
 CLASSICAL_MODELS = ("svm", "logreg", "knn")

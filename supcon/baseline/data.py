@@ -17,8 +17,15 @@ from typing import Any
 import numpy as np
 from torchvision import transforms
 
-from supcon.baseline.config import BaselineConfig
-from supcon.data import MultiViewDataset, check_images, eval_transform, report_bad_images, scan_image_folder
+from supcon.baseline.config import AUGMENTATIONS, BaselineConfig
+from supcon.data import (
+    MultiViewDataset,
+    check_images,
+    eval_transform,
+    report_bad_images,
+    scan_image_folder,
+    two_view_augmentation,
+)
 from supcon.engine import RunEngine
 from supcon.errors import UserError
 from supcon.rundir import BAD_IMAGES_FILE, find_split_folder
@@ -34,6 +41,9 @@ def train_transform(preset: str, size: int, mean: Sequence[float], std: Sequence
     - ``standard``, the experiments' recipe: random resized crop (scale 0.8-1), horizontal flip,
       rotation up to 15 degrees, colour jitter (brightness/contrast/saturation 0.2, hue 0.05),
       then, on the normalised tensor, random erasing (p 0.25).
+    - ``supcon``: ``supcon-train``'s own augmentation (random resized crop, scale 0.2-1, flip, colour
+      jitter 0.4/0.4/0.4/0.1 with p 0.8, grey-scale p 0.2), one view: the SupCon paper's cross-entropy
+      baseline used the same augmentation as SupCon, so a comparison with it is like for like.
     """
     if preset == "none":
         return eval_transform(size, mean, std)
@@ -50,7 +60,9 @@ def train_transform(preset: str, size: int, mean: Sequence[float], std: Sequence
             *normalize,
             transforms.RandomErasing(p=0.25),
         ])
-    raise UserError(f"--augment must be none, flip or standard, got {preset!r}")
+    if preset == "supcon":
+        return two_view_augmentation(size, mean, std)
+    raise UserError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {preset!r}")
 
 
 def stratified_split(samples: Sequence[tuple[str, int]], fraction: float, seed: int,
