@@ -114,7 +114,7 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
                    "lowest val loss of those within the 95% interval of the best) or max-val-acc (the recorded "
                    "experiments' rule).")
 @click.option("--bootstrap", type=int, default=C.bootstrap, show_default=True,
-              help="Bootstrap resamples of the test images for the 95%% intervals and paired F1 differences (0: none).")
+              help="Bootstrap resamples of the test images for the 95% intervals and paired F1 differences (0: none).")
 @click.option("--bootstrap-seed", type=int, default=C.bootstrap_seed, show_default=True,
               help="Seed of the bootstrap resampling.")
 @click.option("--output", type=str, help="Folder of comparison.csv/.md [default: --runs-root].")

@@ -120,14 +120,18 @@ MAX_TICKS = 16
 
 
 def plot_probe(path: str | os.PathLike, records: Sequence[HeadRecord], curves: dict[str, list],
-               auto_epoch: int | None = None, title: str = "") -> None:
+               auto_epoch: int | None = None, title: str = "") -> Figure:
     """Val accuracy per checkpoint with its 95% interval, over the training loss and the embedding spread.
 
-    Top: each checkpoint's best probe val accuracy with its Wilson interval, its settled val accuracy
-    (the default selection's score), the band within the noise of the best settled score, the
-    checkpoint the default rule selects, and the online kNN accuracy. Middle: the training loss and
-    the loss of a collapsed embedding. Bottom: the spread. ``--from auto``'s epoch is a dotted line
-    named in the legend. Ticks sit at the probed checkpoints.
+    Top: each checkpoint's probe val accuracy with its Wilson interval (an SGD head's best over its head
+    epochs, beside its settled val accuracy, the default selection's score; an L-BFGS head's one fit,
+    which is its score), the band within the noise of the best score, the checkpoint the default rule
+    selects, and the online kNN accuracy. Middle: the training loss and the loss of a collapsed
+    embedding. Bottom: the spread. ``--from auto``'s epoch is a dotted line named in the legend. Ticks
+    sit at the probed checkpoints.
+
+    Returns:
+        The figure, already written to ``path`` as a PNG.
     """
     figure = Figure(figsize=(9, 8.5), layout="constrained")
     top, middle, bottom = figure.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
@@ -165,6 +169,7 @@ def plot_probe(path: str | os.PathLike, records: Sequence[HeadRecord], curves: d
     if title:
         top.set_title(title, fontsize=12)
     _save(figure, path)
+    return figure
 
 
 def _plot_val_accuracy(axis, records: Sequence[HeadRecord], curves: dict[str, list]) -> None:
@@ -180,6 +185,11 @@ def _plot_val_accuracy(axis, records: Sequence[HeadRecord], curves: dict[str, li
         errors = [[b - lo for b, (lo, _) in zip(best, low_high, strict=True)],
                   [hi - b for b, (_, hi) in zip(best, low_high, strict=True)]]
         colour = colours[i % len(colours)]
+        if _is_lbfgs(group[0]):  # one fit, no head epochs: its val accuracy is also its settled score
+            axis.errorbar(epochs, best, yerr=errors, marker="o", color=colour, capsize=3,
+                          label="probe: val acc. (L-BFGS head, C chosen on val), 95% interval")
+            values += [v for pair in low_high for v in pair]
+            continue
         axis.errorbar(epochs, best, yerr=errors, marker="o", color=colour, capsize=3,
                       label=f"probe: best val acc. of {group[0].settings.get('epochs')} head epochs, 95% interval\n"
                             f"({describe_settings(group[0].settings)})")
@@ -205,16 +215,18 @@ def _plot_val_accuracy(axis, records: Sequence[HeadRecord], curves: dict[str, li
     if records:
         selection = select(records)
         scores = selection.smoothed or selection.scores
+        # an L-BFGS head has no head epochs to settle over: its score is its one fit's val accuracy
+        score = "val acc." if all(_is_lbfgs(r) for r in records) else "settled val acc."
         if selection.smoothed:
             from linear_probe.select import curves_by_settings
 
             for curve in curves_by_settings(records):
                 axis.plot([r.backbone_epoch for r in curve],
                           [100 * scores[f"{r.checkpoint}__{r.settings_key}"] for r in curve], linestyle="--",
-                          color="tab:gray", label="settled val acc. averaged with the neighbouring checkpoints")
+                          color="tab:gray", label=f"{score} averaged with the neighbouring checkpoints")
         best_score = 100 * max(scores.values())
         what = ("within one standard error of the best averaged acc." if selection.smoothed
-                else "within the noise (95%) of the best settled acc.")
+                else f"within the noise (95%) of the best {score}")
         axis.axhspan(best_score - 100 * selection.band, best_score, color="tab:red", alpha=0.08, label=what)
         chosen = selection.record
         axis.plot([chosen.backbone_epoch], [100 * selection.val_accuracy], marker="*", markersize=16,
@@ -230,6 +242,10 @@ def _plot_val_accuracy(axis, records: Sequence[HeadRecord], curves: dict[str, li
         high = min(100.0, max(values) + 0.5)
         low = min(min(values) - 0.5, high - MIN_ACCURACY_SPAN)
         axis.set_ylim(max(0.0, low), high + 0.3)
+
+
+def _is_lbfgs(record: HeadRecord) -> bool:
+    return record.settings.get("head_solver") == "lbfgs"
 
 
 def plot_confusion_matrix(path: str | os.PathLike, matrix: Sequence[Sequence[int]], class_names: Sequence[str],

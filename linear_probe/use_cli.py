@@ -1,9 +1,10 @@
 """Commands that use a run's selected model: ``supcon-export``, ``predict`` and ``supcon-report``.
 
 Thin click shells over :mod:`linear_probe.export`, :mod:`linear_probe.predict` and
-:mod:`linear_probe.run_report`, which never import this module. ``python -m linear_probe.use_cli NAME ...``
-runs the command NAME (an install older than these console scripts has no ``supcon-export`` on its PATH);
-``python -m linear_probe.run_report`` is ``supcon-report`` too.
+:mod:`linear_probe.run_report`, whose library modules never import this one; only the entry point
+``linear_probe/run_report/__main__.py`` does, so that ``python -m linear_probe.run_report`` is ``supcon-report``.
+``python -m linear_probe.use_cli NAME ...`` runs the command NAME (an install older than these console scripts
+has no ``supcon-export`` on its PATH).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,22 @@ def one_thread():
     """Every test starts on one thread, whatever an earlier test set."""
     torch.set_num_threads(1)
     yield
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def console_scripts() -> dict[str, tuple[str, str]]:
+    """``{"baseline-train": ("supcon.baseline.cli", "main"), ...}``: every command setup.cfg installs."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    scripts = {}
+    for line in parser["options.entry_points"]["console_scripts"].strip().splitlines():
+        name, target = (part.strip() for part in line.split("="))
+        module, attribute = target.split(":")
+        scripts[name] = (module, attribute)
+    return scripts
+
 
 CLASS_COLOURS = {"cat": (210, 40, 40), "dog": (40, 40, 210), "fox": (40, 190, 40)}
 

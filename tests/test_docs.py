@@ -3,7 +3,7 @@ the README stays short; every relative link resolves; the module maps list every
 
 from __future__ import annotations
 
-import configparser
+import ast
 import functools
 import importlib
 import json
@@ -18,6 +18,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from tests.conftest import console_scripts
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 README = REPO / "README.md"
@@ -29,18 +31,8 @@ LINKED_FILES = sorted([README, *DOCS.rglob("*.md"), *(p for p in FOLDER_READMES 
 CORES_RULE = "min(8, cores)"
 
 
-def console_scripts() -> dict[str, click.Command]:
-    parser = configparser.ConfigParser()
-    parser.read(REPO / "setup.cfg")
-    commands = {}
-    for line in parser["options.entry_points"]["console_scripts"].strip().splitlines():
-        name, target = (part.strip() for part in line.split("="))
-        module, attribute = target.split(":")
-        commands[name] = getattr(importlib.import_module(module), attribute)
-    return commands
-
-
-COMMANDS = console_scripts()
+COMMANDS: dict[str, click.Command] = {name: getattr(importlib.import_module(module), attribute)
+                                     for name, (module, attribute) in console_scripts().items()}
 
 
 def command_page(command: str) -> Path:
@@ -319,6 +311,20 @@ def test_the_module_map_lists_every_module_and_no_other(package):
     modules = {str(p.relative_to(REPO)) for p in root.rglob("*.py") if p.name != "__init__.py"}
     assert not modules - listed, f"{package}/README.md does not list {sorted(modules - listed)}"
     assert not listed - modules, f"{package}/README.md lists {sorted(listed - modules)}, which do not exist"
+
+
+def test_the_linear_probe_docstring_names_every_module_and_no_other():
+    """``linear_probe/__init__.py``'s map: a bullet per module (``- ``name``:``), dotted below the package
+    (``run_report.build``); ``__init__`` and ``__main__`` need none."""
+    root = REPO / "linear_probe"
+    text = ast.get_docstring(ast.parse((root / "__init__.py").read_text()))
+    named = set(re.findall(r"^\s*- ``([\w.]+)``", text, flags=re.M))
+    existing = {".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py")}
+    modules = {name for name in existing if name.rpartition(".")[2] not in ("__init__", "__main__")}
+    packages = {name.removesuffix(".__init__") for name in existing if name.endswith(".__init__")}
+    assert not modules - named, f"linear_probe/__init__.py's docstring does not name {sorted(modules - named)}"
+    unknown = named - existing - packages
+    assert not unknown, f"linear_probe/__init__.py's docstring names {sorted(unknown)}, which do not exist"
 
 
 # --- the site ---------------------------------------------------------------------------------------------

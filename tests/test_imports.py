@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from tests.conftest import console_scripts
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("supcon", "linear_probe")
 LOWER, UPPER = PACKAGES  # linear_probe may use supcon, never the reverse
@@ -118,6 +120,19 @@ def test_supcon_never_imports_linear_probe():
     graph = import_graph()
     upward = upward_imports(graph)
     assert not upward, "supcon imports linear_probe: " + "; ".join(upward)
+
+
+def test_only_entry_points_import_a_command_shell():
+    """The modules behind the console scripts (``supcon.cli``, ``linear_probe.use_cli``, ...) are shells over the
+    library: nothing imports them but a ``__main__`` entry point (``python -m linear_probe.run_report``)."""
+    shells = {module for module, _ in console_scripts().values()}
+    graph = import_graph()
+    assert shells <= set(graph), f"console scripts outside {PACKAGES}: {sorted(shells - set(graph))}"
+    importers = [f"{name}:{line} imports {target}" for name, targets in sorted(graph.items())
+                 if name.rpartition(".")[2] != "__main__" for target, line in sorted(targets.items())
+                 if target in shells]
+    assert not importers, "library modules import a command shell: " + "; ".join(importers)
+    assert "linear_probe.use_cli" in graph["linear_probe.run_report.__main__"]  # the one entry point that does
 
 
 def test_the_walk_sees_imports_inside_functions_and_both_kinds_of_fault(tmp_path):

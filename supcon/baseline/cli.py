@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from supcon.baseline.config import AUGMENTATIONS, CLASSICAL_MODELS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
-from supcon.baseline.models import HEADS
+from supcon.baseline.config import AUGMENTATIONS, CLASSICAL_MODELS, HEADS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
 from supcon.cli_utils import (
     OneLineErrorCommand,
     image_check_options,

@@ -13,13 +13,15 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from supcon.baseline.models import HEADS
 from supcon.config import check_bounds, parse_triplet, require_data_folder
 from supcon.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 LOSSES = ("ce", "bce")
+#: Classifier heads (built by :func:`supcon.baseline.models.make_classifier_head`); here, not in
+#: ``models``, so that ``baseline-train --help`` need not import torch and timm.
+HEADS = ("linear", "mlp", "mlp-dropout")
 AUGMENTATIONS = ("none", "flip", "standard", "supcon")
 MONITORS = ("val_loss", "val_accuracy")
 #: scikit-learn classifiers on pixels or frozen features (see :mod:`supcon.baseline.classical`).

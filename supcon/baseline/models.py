@@ -27,13 +27,13 @@ import timm
 import torch
 from torch import nn
 
+from supcon.baseline.config import HEADS
 from supcon.baseline.nets import CUSTOM_NETS
 from supcon.errors import UserError
 from supcon.models import build_encoder, load_encoder_weights, similar_model_names
 
 logger = logging.getLogger(__name__)
 
-HEADS = ("linear", "mlp", "mlp-dropout")
 TORCHVISION_MODELS = ("alexnet", "squeezenet1_0", "googlenet")
 #: Hidden width of the ``mlp`` / ``mlp-dropout`` heads on timm and torchvision backbones.
 DEFAULT_HEAD_HIDDEN = 512
