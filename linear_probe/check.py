@@ -268,7 +268,7 @@ def _verdicts(evaluations: list[RunEvaluation]) -> list[Verdict]:
             continue
         rival = max(rivals, key=lambda e: e.metrics.accuracy)
         evaluation.verdict = verdict(evaluation.run_dir.name, evaluation.labels, evaluation.predictions,
-                                     rival.run_dir.name, rival.predictions)
+                                     rival.run_dir.name, rival.predictions, (evaluation.selection or {}).get("advice"))
         verdicts.append(evaluation.verdict)
     return verdicts
 

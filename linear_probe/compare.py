@@ -107,6 +107,8 @@ class Verdict:
     only_this: int
     only_rival: int
     p_value: float
+    #: the SupCon run's probe curve still rose at its last checkpoint: what to do (from probe-all's advice)
+    stopped_early: str | None = None
 
     @property
     def outcome(self) -> str:
@@ -119,17 +121,21 @@ class Verdict:
         tie = " (within noise)" if self.outcome == "ties with" else ""
         return (f"{self.run} ({100 * self.accuracy:.2f}%) {self.outcome} the best supervised run {self.rival} "
                 f"({100 * self.rival_accuracy:.2f}%){tie}: McNemar's exact test on accuracy p={self.p_value:.3g}, "
-                f"{self.only_this} test images only it gets right, {self.only_rival} only {self.rival}.")
+                f"{self.only_this} test images only it gets right, {self.only_rival} only {self.rival}."
+                + (f" {self.run} was stopped before it settled, so this verdict may change with more training: "
+                   f"{self.stopped_early}." if self.stopped_early else ""))
 
     def to_dict(self) -> dict:
         return {"run": self.run, "rival": self.rival, "outcome": self.outcome, "accuracy": self.accuracy,
                 "rival_accuracy": self.rival_accuracy, "only_this_correct": self.only_this,
-                "only_rival_correct": self.only_rival, "mcnemar_exact_p": self.p_value}
+                "only_rival_correct": self.only_rival, "mcnemar_exact_p": self.p_value,
+                "stopped_early": self.stopped_early}
 
 
 def verdict(run: str, labels: np.ndarray, predictions: np.ndarray, rival: str,
-            rival_predictions: np.ndarray) -> Verdict:
-    """``run`` against ``rival`` on the same labelled test images."""
+            rival_predictions: np.ndarray, stopped_early: str | None = None) -> Verdict:
+    """``run`` against ``rival`` on the same labelled test images (``stopped_early``: the run's advice to train
+    longer, when its probe curve still rose)."""
     only_this, only_rival, p_value = mcnemar_exact(predictions == labels, rival_predictions == labels)
     return Verdict(run, rival, float(np.mean(predictions == labels)), float(np.mean(rival_predictions == labels)),
-                   only_this, only_rival, p_value)
+                   only_this, only_rival, p_value, stopped_early)

@@ -222,7 +222,8 @@ class Selection:
         return (f"still improving at epoch {epoch}: the smoothed val accuracy is highest at the last checkpoint "
                 f"({100 * self.smoothed[_name(last)]:.1f}%, from {100 * self.smoothed[_name(first)]:.1f}% at "
                 f"epoch {format_backbone_epoch(first.backbone_epoch, first.steps_into_epoch)}): train longer (a new "
-                "run with a larger --epochs; a --no-cosine run resumes with --resume --epochs N)")
+                "run with a larger --epochs; a --schedule step run, or a --schedule wsd run not yet cooling down, "
+                "resumes with --resume --epochs N)")
 
 
 def select(records: Sequence[HeadRecord], rule: str = DEFAULT_RULE) -> Selection:

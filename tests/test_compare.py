@@ -66,3 +66,20 @@ def test_verdict_says_beats_ties_or_loses_by_the_paired_test():
     close[:2] = 0  # two more right than the rival: not beyond noise
     tie = verdict("supcon", labels, close, "ce", rival)
     assert tie.outcome == "ties with" and "(within noise)" in tie.sentence() and tie.p_value == pytest.approx(0.5)
+
+
+def test_the_verdict_says_when_the_supcon_run_was_stopped_before_it_settled():
+    from linear_probe.compare import verdict
+
+    labels = np.zeros(50, dtype=int)
+    rival = np.zeros(50, dtype=int)
+    rival[:10] = 1
+    advice = "still improving at epoch 60: ... train longer (a new run with a larger --epochs)"
+    settled = verdict("supcon", labels, rival, "ce", labels)
+    assert "stopped before it settled" not in settled.sentence() and settled.to_dict()["stopped_early"] is None
+    early = verdict("supcon", labels, rival, "ce", labels, stopped_early=advice)
+    assert early.outcome == settled.outcome == "loses to"
+    assert early.sentence().startswith(settled.sentence())
+    assert early.sentence().endswith(f"supcon was stopped before it settled, so this verdict may change with more "
+                                     f"training: {advice}.")
+    assert early.to_dict()["stopped_early"] == advice
