@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from linear_probe.checkpoints import assert_encoder_unchanged, check_checkpoint
+from linear_probe.checkpoints import check_checkpoint
 from linear_probe.compare import EXPLANATION, PairedResult, Verdict, compare_to_best, verdict
 from linear_probe.config import CheckConfig
-from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
+from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures
 from linear_probe.heads import FINAL_STATE_DICT, HEADS_DIR, HeadRecord, load_head_records, load_head_state
 from linear_probe.probe import make_head
 from linear_probe.report import (
@@ -45,7 +45,7 @@ from linear_probe.select import RULE_TEXT, Selection, select, settled_val_accura
 from supcon.checkpoint import atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
-from supcon.frozen import build_frozen_encoder, resolve_device
+from supcon.frozen import resolve_device
 from supcon.metrics import TestMetrics, classification_metrics, wilson_interval
 from supcon.rundir import TEST_METRICS_FILE, find_runs, load_supcon_checkpoint
 
@@ -282,7 +282,8 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
         raise UserError(f"{path} changed while being evaluated; re-run probe-all --run {run.run_dir}")
     class_names = run.class_names or best.class_names
     check_checkpoint(state, path, run.model_config, class_names)
-    encoder = build_frozen_encoder(state, path).to(device)
+    checkpoint = FrozenCheckpoint(path, device, state, best.checkpoint_stamp.sha256)
+    checkpoint.encoder()  # built now, so weights that do not fit are refused before the head is read
     head_state = load_head_state(best.path)
     if chosen.final_head and FINAL_STATE_DICT not in head_state:
         logger.warning("%s holds no final head (written by an older probe-all); testing its best-val head "
@@ -291,14 +292,12 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     head = make_head(best.feature_dim, len(class_names), seed=0)
     head.load_state_dict(head_state[FINAL_STATE_DICT if chosen.final_head else "state_dict"])
     head.to(device).eval()
-    features, labels, _ = cached_features(
-        FeatureCache(run.cache_dir), lambda: encoder, best.checkpoint_stamp.sha256, plan.test_index,
-        folder_fingerprint(plan.test_index), run.size, state["mean"], state["std"], device,
-        config.encode_batch_size, config.num_workers, progress, what="test images",
-    )
+    frozen = FrozenFeatures(FeatureCache(run.cache_dir), run.size, config.encode_batch_size, config.num_workers,
+                            progress)
+    features, labels = frozen.of(checkpoint, plan.test_index, "test images")
     with torch.no_grad():
         probabilities = torch.softmax(head(features.to(device)), dim=1).cpu().numpy()
-    assert_encoder_unchanged(encoder, state["encoder"], path)
+    checkpoint.assert_encoder_unchanged()
     metrics = classification_metrics(labels.numpy(), probabilities, class_names, config.average, config.bootstrap,
                                      config.bootstrap_seed)
     model = run.model_config.get("model", "?")

@@ -1,7 +1,7 @@
 """Which checkpoints of a run to probe, and whether a checkpoint fits its run.
 
 Content hashes (``FileStamp``) are :mod:`supcon.checkpoint`'s; the frozen encoder a checkpoint rebuilds is
-:func:`supcon.frozen.build_frozen_encoder`.
+:class:`linear_probe.features.FrozenCheckpoint`.
 
 Every file is read with ``torch.load(weights_only=True)`` (``supcon.rundir.load_supcon_checkpoint``):
 a file that would need arbitrary unpickling is refused and nothing in it runs.

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from linear_probe.checkpoints import check_checkpoint, find_checkpoints
+from linear_probe.features import FrozenCheckpoint
 from linear_probe.heads import HeadRecord, load_head_records, load_head_state
 from linear_probe.probe import make_head
 from linear_probe.runs import BASELINE_KIND, RunInfo, resolve_folder
 from linear_probe.select import select_best
 from supcon.baseline.losses import logits_to_probabilities
 from supcon.errors import UserError
-from supcon.frozen import build_frozen_encoder
 from supcon.rundir import LAST, load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _load_supcon(run: RunInfo, choice: str | int) -> RunClassifier:
     state = load_supcon_checkpoint(path)
     class_names = run.class_names or record.class_names
     check_checkpoint(state, path, run.model_config, class_names)
-    encoder = build_frozen_encoder(state, path)
+    encoder = FrozenCheckpoint(path, state=state).encoder()
     head = make_head(record.feature_dim, len(class_names), seed=0)
     head.load_state_dict(load_head_state(record.path)["state_dict"])
     model_config = state["model_config"]

@@ -6,6 +6,9 @@ features: the folder's listing (relative paths, labels, sizes, modification time
 size, mean/std and transform. A re-run, or new head settings, reuse the file; a changed
 checkpoint or folder gets a new one.
 
+Callers ask one question, "the frozen features of checkpoint C on folder F":
+``FrozenFeatures(cache, size, ...).of(FrozenCheckpoint(path, device), index)``.
+
 The classic protocol (``--augment``) instead draws fresh random crops of the training images
 every head epoch and runs them through the frozen encoder; crops are a pure function of
 ``(seed, head epoch, image index)``, as in supcon-train.
@@ -19,6 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,12 @@ from torch import nn
 from torch.utils.data import Sampler
 from torchvision import transforms
 
-from supcon.checkpoint import atomic_save, safe_load
+from linear_probe.checkpoints import assert_encoder_unchanged
+from supcon.checkpoint import FileStamp, atomic_save, safe_load
 from supcon.data import ImageFolderIndex, MultiViewDataset, eval_transform, make_loader
 from supcon.errors import UserError
-from supcon.frozen import encode_samples
+from supcon.frozen import build_frozen_encoder, encode_samples
+from supcon.rundir import load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +160,93 @@ def cached_features(cache: FeatureCache, encoder_fn: Callable[[], nn.Module], ch
                                       batch_size, num_workers, progress, desc=f"encoding {what}")
     cache.store(fields, features, labels)
     return features, labels, False
+
+
+class FrozenCheckpoint:
+    """One checkpoint as a frozen encoder: its state, its content hash, and the encoder, built on first use.
+
+    The encoder is rebuilt only when something needs it (a cache miss, augmented crops) and at most
+    once, so every folder encoded for this checkpoint shares it.
+
+    Args:
+        path: The checkpoint file.
+        device: Where the encoder runs.
+        state: The checkpoint's loaded state; read from ``path`` when not given.
+        sha256: The file's content hash (part of the cache key); hashed from ``path`` on first use when not given.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: torch.device = torch.device("cpu"),
+                 state: dict[str, Any] | None = None, sha256: str | None = None):
+        self.path = Path(path)
+        self.device = device
+        self.state = load_supcon_checkpoint(self.path) if state is None else state
+        self._sha256 = sha256
+        self._encoder: nn.Module | None = None
+
+    @property
+    def sha256(self) -> str:
+        """The checkpoint file's SHA-256, the part of the feature cache key that names the checkpoint."""
+        if self._sha256 is None:
+            self._sha256 = FileStamp.of(self.path).sha256
+        return self._sha256
+
+    def encoder(self) -> nn.Module:
+        """The frozen encoder (projection head dropped, ``eval()``) on ``device``, built on the first call.
+
+        Raises:
+            UserError: the weights do not fit the recorded architecture.
+        """
+        if self._encoder is None:
+            self._encoder = build_frozen_encoder(self.state, self.path).to(self.device)
+        return self._encoder
+
+    def assert_encoder_unchanged(self) -> None:
+        """Check the encoder, if it was built, still equals the checkpoint's weights.
+
+        Raises:
+            RuntimeError: a tensor changed (a bug: nothing may train the frozen encoder).
+        """
+        if self._encoder is not None:
+            assert_encoder_unchanged(self._encoder, self.state["encoder"], self.path)
+
+
+@dataclass(frozen=True)
+class FrozenFeatures:
+    """How a run's frozen features are made and kept, the same for each of its checkpoints.
+
+    Attributes:
+        cache: Where the features are cached (a run's ``probe/cache``).
+        size: The eval transform's image size (the run's).
+        batch_size: Images per encoding batch.
+        num_workers: Data loader workers for encoding.
+        progress: Show a progress bar while encoding.
+    """
+
+    cache: FeatureCache
+    size: int
+    batch_size: int = 256
+    num_workers: int = 0
+    progress: bool = False
+
+    def of(self, checkpoint: FrozenCheckpoint, index: ImageFolderIndex, what: str = "images",
+           fingerprint: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen features of ``checkpoint`` on the folder ``index``: from the cache, else encoded once and stored.
+
+        Args:
+            checkpoint: The checkpoint; its encoder is built only on a cache miss.
+            index: The folder's images.
+            what: Names the images in the progress bar.
+            fingerprint: ``folder_fingerprint(index)`` when the caller already has it; computed when not given.
+
+        Returns:
+            ``(features [N, D] float32, labels [N])``, on the CPU.
+        """
+        fingerprint = folder_fingerprint(index) if fingerprint is None else fingerprint
+        features, labels, _ = cached_features(
+            self.cache, checkpoint.encoder, checkpoint.sha256, index, fingerprint, self.size,
+            checkpoint.state["mean"], checkpoint.state["std"], checkpoint.device, self.batch_size, self.num_workers,
+            self.progress, what)
+        return features, labels
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:

@@ -26,19 +26,14 @@ from pathlib import Path
 
 import torch
 
-from linear_probe.checkpoints import (
-    CheckpointRef,
-    assert_encoder_unchanged,
-    check_checkpoint,
-    find_checkpoints,
-    format_backbone_epoch,
-)
+from linear_probe.checkpoints import CheckpointRef, check_checkpoint, find_checkpoints, format_backbone_epoch
 from linear_probe.config import AUTO, ProbeConfig
 from linear_probe.features import (
     FeatureCache,
+    FrozenCheckpoint,
+    FrozenFeatures,
     augmented_batches,
     cached_batches,
-    cached_features,
     folder_fingerprint,
 )
 from linear_probe.heads import (
@@ -58,7 +53,7 @@ from linear_probe.select import Selection, select
 from supcon.checkpoint import CorruptCheckpoint, FileStamp, MissingCheckpoint, atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
-from supcon.frozen import build_frozen_encoder, resolve_device
+from supcon.frozen import resolve_device
 from supcon.rundir import SELECTION_FILE, load_supcon_checkpoint
 from supcon.runlock import RunLock
 
@@ -152,7 +147,7 @@ def probe_all(config: ProbeConfig, progress: bool = False) -> ProbeAllResult:
             _note_gone(ref, gone)
             continue
         check_checkpoint(state, ref.path, run.model_config, data.class_names)
-        build_frozen_encoder(state, ref.path)
+        FrozenCheckpoint(ref.path, state=state).encoder()  # refuses weights that do not fit the architecture
         todo.append((ref, stamp))
     if skipped:
         logger.info("skipping %d checkpoint(s) already probed with these settings (--force re-probes): %s",
@@ -244,37 +239,25 @@ def probe_checkpoint(ref: CheckpointRef, stamp: FileStamp, data: _ProbeData,
     if not stamp.matches(ref.path):  # e.g. a last.pth that a running training replaced meanwhile
         raise UserError(f"{ref.path} changed while probe-all was running; run it again")
     device, config, settings = data.device, data.config, data.settings
-    encoder = None
-
-    def frozen_encoder():
-        nonlocal encoder
-        if encoder is None:  # only built when features must be computed
-            encoder = build_frozen_encoder(state, ref.path).to(device)
-        return encoder
-
-    common = dict(checkpoint_sha256=stamp.sha256, size=data.run.size, mean=state["mean"], std=state["std"],
-                  device=device, batch_size=config.encode_batch_size, num_workers=config.num_workers,
-                  progress=progress)
-    val_features, val_labels, _ = cached_features(data.cache, frozen_encoder, index=data.val_index,
-                                                  fingerprint=data.val_fingerprint, what="val images", **common)
+    checkpoint = FrozenCheckpoint(ref.path, device, state, stamp.sha256)  # the encoder is built only when needed
+    frozen = FrozenFeatures(data.cache, data.run.size, config.encode_batch_size, config.num_workers, progress)
+    val_features, val_labels = frozen.of(checkpoint, data.val_index, "val images", data.val_fingerprint)
     num_train = len(data.train_index.samples)
     if not settings.augment:
-        train_features, train_labels, _ = cached_features(data.cache, frozen_encoder, index=data.train_index,
-                                                          fingerprint=data.train_fingerprint, what="train images",
-                                                          **common)
+        train_features, train_labels = frozen.of(checkpoint, data.train_index, "train images",
+                                                 data.train_fingerprint)
     if settings.head_solver == "lbfgs":
         result = train_lbfgs_head(train_features, train_labels, val_features, val_labels, len(data.class_names))
     else:
         if settings.augment:
-            batches = augmented_batches(frozen_encoder(), data.train_index.samples, data.run.size, state["mean"],
+            batches = augmented_batches(checkpoint.encoder(), data.train_index.samples, data.run.size, state["mean"],
                                         state["std"], settings.batch_size, settings.seed, device, config.num_workers)
         else:
             batches = cached_batches(train_features.to(device), train_labels.to(device), settings.batch_size,
                                      settings.seed)
         result = train_linear_head(batches, math.ceil(num_train / settings.batch_size), val_features.to(device),
                                    val_labels.to(device), len(data.class_names), settings)
-    if encoder is not None:
-        assert_encoder_unchanged(encoder, state["encoder"], ref.path)
+    checkpoint.assert_encoder_unchanged()
     record = HeadRecord(
         checkpoint=ref.name, checkpoint_stamp=stamp, backbone_epoch=ref.backbone_epoch,
         steps_into_epoch=ref.steps_into_epoch, best_val_accuracy=result.best_val_accuracy,

@@ -25,15 +25,12 @@ from bench_common import markdown_table  # noqa: E402  (also puts the repo on sy
 
 from linear_probe.checkpoints import find_checkpoints  # noqa: E402
 from linear_probe.config import ProbeConfig  # noqa: E402
-from linear_probe.features import FeatureCache, cached_batches, cached_features, folder_fingerprint  # noqa: E402
+from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures, cached_batches  # noqa: E402
 from linear_probe.lbfgs import train_lbfgs_head  # noqa: E402
 from linear_probe.plateau import choose_from_run  # noqa: E402
 from linear_probe.probe import HeadSettings, train_linear_head  # noqa: E402
 from linear_probe.runs import RunInfo, resolve_folder, scan_checked  # noqa: E402
-from supcon.checkpoint import FileStamp  # noqa: E402
-from supcon.frozen import build_frozen_encoder  # noqa: E402
 from supcon.logistic import linear_scores  # noqa: E402
-from supcon.rundir import load_supcon_checkpoint  # noqa: E402
 
 
 def accuracy(state_dict: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -57,7 +54,7 @@ def main() -> None:
                              run.class_names)
     test_index = scan_checked(resolve_folder(None, run.train_folder, "test", "--test-folder"), "test folder",
                               run.class_names)
-    cache = FeatureCache(run.cache_dir)
+    frozen = FrozenFeatures(FeatureCache(run.cache_dir), run.size)
     settings = HeadSettings(weight_decay=args.weight_decay, epochs=args.epochs)
     device = torch.device("cpu")
     if args.from_epoch == "auto":
@@ -69,17 +66,10 @@ def main() -> None:
     for ref in find_checkpoints(run.run_dir, 0):
         if ref.name == "last.pth":
             continue
-        state = load_supcon_checkpoint(ref.path)
-        stamp = FileStamp.of(ref.path)
-
-        def features(index, what, state=state, ref=ref, stamp=stamp):
-            return cached_features(cache, lambda: build_frozen_encoder(state, ref.path), stamp.sha256, index,
-                                   folder_fingerprint(index), run.size, state["mean"], state["std"], device, 256, 0,
-                                   what=what)[:2]
-
-        train_x, train_y = features(train_index, "train")
-        val_x, val_y = features(val_index, "val")
-        test_x, test_y = features(test_index, "test")
+        checkpoint = FrozenCheckpoint(ref.path, device)
+        train_x, train_y = frozen.of(checkpoint, train_index, "train")
+        val_x, val_y = frozen.of(checkpoint, val_index, "val")
+        test_x, test_y = frozen.of(checkpoint, test_index, "test")
         start = time.perf_counter()
         sgd = train_linear_head(cached_batches(train_x, train_y, settings.batch_size, settings.seed),
                                 math.ceil(len(train_y) / settings.batch_size), val_x, val_y, len(run.class_names),

@@ -31,14 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import header, markdown_table, write_json  # noqa: E402  (also puts the repo on sys.path)
 
 from linear_probe.checkpoints import find_checkpoints  # noqa: E402
-from linear_probe.features import FeatureCache, cached_batches, cached_features, folder_fingerprint  # noqa: E402
+from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures, cached_batches  # noqa: E402
 from linear_probe.probe import HeadSettings, train_linear_head  # noqa: E402
 from linear_probe.runs import RunInfo, resolve_folder, scan_checked  # noqa: E402
 from linear_probe.select import settled_values  # noqa: E402
-from supcon.checkpoint import FileStamp  # noqa: E402
-from supcon.frozen import build_frozen_encoder  # noqa: E402
 from supcon.logistic import fit_logistic_regression, linear_scores  # noqa: E402
-from supcon.rundir import load_supcon_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,16 +67,9 @@ def compare_run(run_dir: str) -> dict:
     val_index = scan_checked(resolve_folder(None, run.train_folder, "val", "--val-folder"), "val folder",
                              run.class_names)
     ref = [r for r in find_checkpoints(run.run_dir, 0) if r.name != "last.pth"][-1]
-    state = load_supcon_checkpoint(ref.path)
-    sha256 = FileStamp.of(ref.path).sha256
-    cache, device = FeatureCache(run.cache_dir), torch.device("cpu")
-
-    def features(index, what):
-        return cached_features(cache, lambda: build_frozen_encoder(state, ref.path), sha256, index,
-                               folder_fingerprint(index), run.size, state["mean"], state["std"], device, 256, 0,
-                               what=what)[:2]
-
-    (train_x, train_y), (val_x, val_y) = features(train_index, "train"), features(val_index, "val")
+    checkpoint, frozen = FrozenCheckpoint(ref.path), FrozenFeatures(FeatureCache(run.cache_dir), run.size)
+    train_x, train_y = frozen.of(checkpoint, train_index, "train")
+    val_x, val_y = frozen.of(checkpoint, val_index, "val")
     classes = len(run.class_names)
     settings = HeadSettings()
     sgd = train_linear_head(cached_batches(train_x, train_y, settings.batch_size, settings.seed),

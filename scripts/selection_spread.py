@@ -30,15 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linear_probe.checkpoints import find_checkpoints  # noqa: E402
 from linear_probe.config import SELECTION_RULES  # noqa: E402
-from linear_probe.features import FeatureCache, cached_batches, cached_features, folder_fingerprint  # noqa: E402
+from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures, cached_batches  # noqa: E402
 from linear_probe.heads import HeadRecord, load_head_records  # noqa: E402
 from linear_probe.plateau import choose_from_run  # noqa: E402
 from linear_probe.probe import HeadSettings, make_head, train_linear_head  # noqa: E402
 from linear_probe.runs import RunInfo, resolve_folder, scan_checked  # noqa: E402
 from linear_probe.select import select  # noqa: E402
 from supcon.checkpoint import FileStamp  # noqa: E402
-from supcon.frozen import build_frozen_encoder, resolve_device  # noqa: E402
-from supcon.rundir import load_supcon_checkpoint  # noqa: E402
+from supcon.frozen import resolve_device  # noqa: E402
 
 
 def checkpoint_features(run: RunInfo, cache_dir: Path, device: torch.device) -> list[dict]:
@@ -48,24 +47,14 @@ def checkpoint_features(run: RunInfo, cache_dir: Path, device: torch.device) -> 
                "val": resolve_folder(None, train_folder, "val", "--val-folder", run.run_info.get("val_folder")),
                "test": resolve_folder(None, train_folder, "test", "--test-folder")}
     indexes = {split: scan_checked(folder, f"{split} folder", run.class_names) for split, folder in folders.items()}
-    cache = FeatureCache(cache_dir)
+    frozen = FrozenFeatures(FeatureCache(cache_dir), run.size)
     out = []
     for ref in find_checkpoints(run.run_dir, choose_from_run(run.run_dir).epoch):
-        state = load_supcon_checkpoint(ref.path)
         stamp = FileStamp.of(ref.path)
-        encoder = None
-
-        def encoder_fn(state=state, ref=ref):
-            nonlocal encoder
-            if encoder is None:
-                encoder = build_frozen_encoder(state, ref.path).to(device)
-            return encoder
-
+        checkpoint = FrozenCheckpoint(ref.path, device, sha256=stamp.sha256)
         entry = {"ref": ref, "stamp": stamp}
         for split, index in indexes.items():
-            features, labels, _ = cached_features(cache, encoder_fn, stamp.sha256, index, folder_fingerprint(index),
-                                                  run.size, state["mean"], state["std"], device, 256, 0,
-                                                  what=f"{split} images")
+            features, labels = frozen.of(checkpoint, index, f"{split} images")
             entry[split] = (features.to(device), labels.to(device))
         entry["folders"] = folders
         out.append(entry)

@@ -138,7 +138,7 @@ def test_cached_and_augment_reach_similar_accuracy(run_copy):
 
 
 def test_augment_checks_the_encoder_did_not_change(run_copy, monkeypatch):
-    import linear_probe.probe_all as module
+    import linear_probe.features as module
 
     original = module.build_frozen_encoder
 

@@ -22,7 +22,7 @@ import torch
 
 from linear_probe.checkpoints import find_checkpoints
 from linear_probe.classifier import RunClassifier, load_run_classifier, resolve_eval_folder
-from linear_probe.features import FeatureCache, cached_features, folder_fingerprint
+from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures, folder_fingerprint
 from linear_probe.heads import load_head_records
 from linear_probe.plateau import choose_from_run
 from linear_probe.predict import classify_paths
@@ -39,12 +39,12 @@ from linear_probe.run_report.network_views import (
 )
 from linear_probe.run_report.page import Section, render
 from linear_probe.runs import BASELINE_KIND, RunInfo, scan_checked
-from supcon.checkpoint import FileStamp, atomic_write_text
+from supcon.checkpoint import atomic_write_text
 from supcon.data import EvalDataset, ImageFolderIndex, eval_transform
 from supcon.errors import UserError
-from supcon.frozen import build_frozen_encoder, encode_samples, resolve_device
+from supcon.frozen import encode_samples, resolve_device
 from supcon.metrics import TestMetrics, classification_metrics
-from supcon.rundir import METRICS_FILE, MetricsCSV, load_supcon_checkpoint
+from supcon.rundir import METRICS_FILE, MetricsCSV
 
 logger = logging.getLogger(__name__)
 
@@ -284,13 +284,11 @@ def _embedding_panels(test: _RunTest, val: ImageFolderIndex, config: ReportConfi
     selected_path = run.run_dir / c.source["checkpoint"]
     panels = []
     fingerprint = folder_fingerprint(val)
+    frozen = FrozenFeatures(FeatureCache(run.cache_dir), c.size, config.batch_size, config.num_workers)
     for name, path, epoch in [(r.name, r.path, r.backbone_epoch) for r in refs] + [
             (c.source["checkpoint"], selected_path, c.source["backbone_epoch"])]:
-        state = load_supcon_checkpoint(path)
-        features, labels, _ = cached_features(
-            FeatureCache(run.cache_dir), lambda state=state, path=path: build_frozen_encoder(state, path).to(device),
-            FileStamp.of(path).sha256, val, fingerprint, c.size, state["mean"], state["std"], device,
-            config.batch_size, config.num_workers, what="val images for the embedding map")
+        features, labels = frozen.of(FrozenCheckpoint(path, device), val, "val images for the embedding map",
+                                     fingerprint)
         probe = f", probe val {_percent(accuracy[name])}" if name in accuracy else ""
         selected = " - selected" if path == selected_path else ""
         panels.append((f"epoch {epoch}{probe}{selected}", features, labels))
