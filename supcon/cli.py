@@ -75,10 +75,14 @@ D = TrainConfig()
               help="wsd: the cool-down's share of the epochs (with --until plateau: of the epochs trained when the "
                    "plateau is found).")
 @click.option("--until", type=click.Choice(["epochs", "plateau"]), default=D.until, show_default=True,
-              help="epochs: train --epochs; plateau: end when the live probe's val accuracy stops improving beyond "
-                   "its noise (then cool down, save and stop), with --epochs as the ceiling.")
+              help="epochs: train --epochs; plateau: end when the live probe's val accuracy has settled (its "
+                   "recent trend promises less than --plateau-tolerance for training as long again; then cool down, "
+                   "save and stop), with --epochs as the ceiling.")
 @click.option("--plateau-patience", type=float, default=D.plateau_patience, show_default=True,
-              help="--until plateau: share of the epochs so far without improvement before the cool-down starts.")
+              help="--until plateau: the share of the epochs so far whose live probes the trend is fitted to.")
+@click.option("--plateau-tolerance", type=float, default=D.plateau_tolerance, show_default=True,
+              help="--until plateau: cool down when training as long again would add less than this much val "
+                   "accuracy at the live probe's recent pace, one standard error included (0.03: three points).")
 @click.option("--probe-every", type=int,
               help="Live probe every N epochs: an L-BFGS linear head on the frozen features of the training images, "
                    "scored on the val folder (0: off) [default: --save-freq when there is a val folder].")

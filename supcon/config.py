@@ -123,7 +123,8 @@ class TrainConfig:
     schedule: str | None = None
     cooldown_fraction: float = 0.2
     until: str = "epochs"
-    plateau_patience: float = 0.4
+    plateau_patience: float = 0.5
+    plateau_tolerance: float = 0.03
     probe_every: int | None = None
     probe_max_images: int = 10000
     lr_decay_epochs: list[int] = field(default_factory=lambda: [700, 800, 900])
@@ -222,6 +223,9 @@ class TrainConfig:
             raise UserError(f"--cooldown-fraction must be in (0, 1), got {self.cooldown_fraction}")
         if not 0 < self.plateau_patience < 1:
             raise UserError(f"--plateau-patience must be in (0, 1), got {self.plateau_patience}")
+        if not 0 < self.plateau_tolerance < 1:
+            raise UserError(f"--plateau-tolerance must be in (0, 1) (a share of the val images), got "
+                            f"{self.plateau_tolerance}")
         if self.probe_every is not None and self.probe_every < 0:
             raise UserError(f"--probe-every must be >= 0 (0 turns the live probe off), got {self.probe_every}")
         if self.probe_max_images < 10:

@@ -7,6 +7,7 @@ checks the image folders and hands the epochs to :class:`supcon.trainer.SupConTr
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,9 +30,15 @@ from supcon.interrupt import EXIT_COLLAPSE, exit_code
 from supcon.models import check_model_name
 from supcon.processes import default_precision
 from supcon.resume import RecordedRun
-from supcon.rundir import BAD_IMAGES_FILE, epoch_checkpoints, image_listing, load_supcon_checkpoint
+from supcon.rundir import (
+    BAD_IMAGES_FILE,
+    METRICS_FILE,
+    epoch_checkpoints,
+    image_listing,
+    load_supcon_checkpoint,
+)
 from supcon.schedule import AUTO_WARM_ABOVE_BATCH, LRSchedule
-from supcon.stopping import StopDecision
+from supcon.stopping import StopDecision, still_rising
 from supcon.trainer import METRIC_FIELDS, TENSORBOARD_TAGS, SupConTrainer
 
 logger = logging.getLogger(__name__)
@@ -116,6 +123,22 @@ def _wsd_epochs_for_start(start: int, fraction: float) -> int:
     while epochs - LRSchedule.cooldown_length(epochs, fraction) < start:
         epochs += 1
     return epochs
+
+
+def _warn_if_still_rising(run_dir: Path, epochs_done: int, config: TrainConfig) -> None:
+    """At the end of a run: say so when its live probe still rose over the last 40% of it (it had not settled)."""
+    with open(run_dir / METRICS_FILE, newline="") as f:
+        probes = [{"epoch": int(float(r["epoch"])), "accuracy": float(r["probe_accuracy"]),
+                   "num_val": int(float(r["probe_num_val"]))} for r in csv.DictReader(f) if r.get("probe_accuracy")]
+    trend = still_rising(probes, epochs_done)
+    if trend is None:
+        return
+    how = ("resume it with a larger --epochs" if config.schedule_kind == "step" else
+           "train a new run with a larger --epochs (a --schedule wsd run takes a larger --epochs on --resume until "
+           "its cool-down begins)")
+    logger.warning("the live probe was still rising when the run ended: %+.1f points over epochs %d-%d (%d probes, "
+                   "one standard error %.1f), so the encoder had probably not settled; to train longer, %s",
+                   100 * trend.rise, trend.first_epoch, trend.last_epoch, trend.probes, 100 * trend.standard_error, how)
 
 
 def _finished_message(run_dir: Path, state: dict[str, Any], config: TrainConfig) -> str | None:
@@ -274,6 +297,8 @@ def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResul
                                 resume_step=trainer.epoch_state.steps_done, steps_per_epoch=trainer.steps_per_epoch)
     if outcome.end_reason:
         logger.warning("%s", outcome.end_reason)
+    elif outcome.interrupted_by is None and engine.is_main:
+        _warn_if_still_rising(run_dir, outcome.epochs_done, config)
     return TrainResult(run_dir=run_dir, epochs_done=outcome.epochs_done, interrupted_by=outcome.interrupted_by,
                        stopped_on_collapse=trainer.stopped_on_collapse, history=outcome.history,
                        stop_decision=trainer.plateau.decision if trainer.plateau is not None else None)

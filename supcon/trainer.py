@@ -83,7 +83,8 @@ class SupConTrainer:
         set_seed(config.seed)
         self.model, self.optimizer = self._build_model()
         self.schedule = make_schedule(config, self.steps_per_epoch)
-        self.plateau = (PlateauRule(config.plateau_patience, config.cooldown_fraction, ceiling=config.epochs)
+        self.plateau = (PlateauRule(config.plateau_patience, config.cooldown_fraction, ceiling=config.epochs,
+                                    tolerance=config.plateau_tolerance)
                         if config.until == "plateau" else None)
         self.stopped_on_collapse = False
         self.probe: LiveProbe | None = None  # the live probe of the epoch being saved
@@ -215,7 +216,7 @@ class SupConTrainer:
         summary = (f"loss {loss:.4f} (collapsed {self.collapsed_value:.4f}) spread {spread:.4f}{knn_text}{probe_text} "
                    f"lr {row['lr']:.4g} {images_per_s:.0f} img/s {state.seconds:.1f}s")
         fired = self.detector.update(loss, self.collapsed_value, spread, config.feat_dim)
-        end_reason = self._plateau_step(epoch_done, loss, row)
+        end_reason = self._plateau_step(epoch_done, row)
         self.epoch_state = EpochState()
         checkpoint = self.checkpoint(epoch_done, self.epoch_state)
         files = {LAST: checkpoint}
@@ -237,11 +238,10 @@ class SupConTrainer:
         decision = self.plateau.decision if self.plateau is not None else None
         return decision.last_epoch if decision is not None else self.config.epochs
 
-    def _plateau_step(self, epoch_done: int, loss: float, row: dict[str, Any]) -> str | None:
+    def _plateau_step(self, epoch_done: int, row: dict[str, Any]) -> str | None:
         """``--until plateau``: record the epoch, decide on a cool-down; the end message at its last epoch."""
         if self.plateau is None:
             return None
-        self.plateau.record_loss(epoch_done, loss)
         if self.probe is not None:
             self.plateau.record_probe(epoch_done, self.probe.val_accuracy, self.probe.num_val,
                                      self.probe.val_correct)
