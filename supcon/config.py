@@ -27,6 +27,8 @@ RUNTIME_KEYS = frozenset(
 )
 #: Runtime options that decide where a ``--until plateau`` run stops: they may not change on its resumption.
 PLATEAU_KEYS = frozenset({"probe_every", "probe_max_images"})
+#: Options of the ``--until plateau`` rule alone: a fixed-length run ignores them (and may resume with other values).
+PLATEAU_RULE_KEYS = frozenset({"plateau_patience", "plateau_tolerance"})
 
 
 def parse_triplet(text: str | list | tuple | None, name: str) -> list[float] | None:

@@ -18,6 +18,7 @@ import torch
 from supcon.config import (
     LR_RULE_GIVEN,
     PLATEAU_KEYS,
+    PLATEAU_RULE_KEYS,
     RUNTIME_KEYS,
     TrainConfig,
     resolve_train_config,
@@ -66,7 +67,8 @@ def _refuse_changes(engine: RunEngine, recorded: RecordedRun | None, config: Tra
     Raises:
         UserError: naming the differences (for ``--epochs``, why the cosine schedule cannot be extended).
     """
-    ignore = RUNTIME_KEYS - PLATEAU_KEYS if config.until == "plateau" else RUNTIME_KEYS
+    # the --until plateau rule's settings do not touch a fixed-length run (older runs recorded other defaults)
+    ignore = RUNTIME_KEYS - PLATEAU_KEYS if config.until == "plateau" else RUNTIME_KEYS | PLATEAU_RULE_KEYS
     if recorded is not None and recorded.options.get("epochs") not in (None, config.epochs):
         run_epochs = int(recorded.options["epochs"])
         if _fixed_wsd(config) and recorded.options.get("schedule") == "wsd":

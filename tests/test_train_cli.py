@@ -572,3 +572,30 @@ def test_non_finite_loss_is_not_saved_when_a_signal_arrives_in_the_same_step(wor
     after = snapshot(run_dir)
     assert {k: after.get(k) for k in before} == before
     assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_a_fixed_length_run_resumes_whatever_the_plateau_rule_settings_it_recorded(train_folder, tmp_path,
+                                                                                  monkeypatch):
+    """--plateau-patience/--plateau-tolerance only steer --until plateau: a fixed-length run recorded with other
+    values (an older version's defaults) resumes; an --until plateau run does not."""
+    args = [*SMALL_ARGS, "--data-folder", train_folder, "--seed", "1", "--epochs", "3"]
+    run_dir = tmp_path / "run"
+    _interrupt_at_step(monkeypatch, 2)
+    assert invoke([*args, "--run-dir", run_dir]).exit_code == 130
+    monkeypatch.undo()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["plateau_patience"], config["plateau_tolerance"] = 0.4, 0.02
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = invoke([*args, "--run-dir", run_dir, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 3
+    plateau_dir = tmp_path / "plateau"
+    plateau_args = [*args, "--until", "plateau", "--probe-every", "1"]
+    _interrupt_at_step(monkeypatch, 2)
+    assert invoke([*plateau_args, "--run-dir", plateau_dir]).exit_code == 130
+    monkeypatch.undo()
+    config = yaml.safe_load((plateau_dir / "config.yaml").read_text())
+    config["plateau_patience"] = 0.4
+    (plateau_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    refused = invoke([*plateau_args, "--run-dir", plateau_dir, "--resume"])
+    assert_one_line_error(refused, "plateau_patience: run has 0.4, now 0.5")
