@@ -138,9 +138,11 @@ def _warn_if_still_rising(run_dir: Path, epochs_done: int, config: TrainConfig) 
     how = ("resume it with a larger --epochs" if config.schedule_kind == "step" else
            "train a new run with a larger --epochs (a --schedule wsd run takes a larger --epochs on --resume until "
            "its cool-down begins)")
-    logger.warning("the live probe was still rising when the run ended: %+.1f points over epochs %d-%d (%d probes, "
-                   "one standard error %.1f), so the encoder had probably not settled; to train longer, %s",
-                   100 * trend.rise, trend.first_epoch, trend.last_epoch, trend.probes, 100 * trend.standard_error, how)
+    span = trend.last_epoch - trend.first_epoch
+    logger.warning("the live probe was still rising when the run ended: %+.1f points over epochs %d-%d (%d probes; "
+                   "as long again at that pace: %+.1f, one standard error %.1f), so the encoder had probably not "
+                   "settled; to train longer, %s", 100 * trend.gain(span), trend.first_epoch, trend.last_epoch,
+                   trend.probes, 100 * trend.gain(epochs_done), 100 * trend.standard_error * epochs_done, how)
 
 
 def _finished_message(run_dir: Path, state: dict[str, Any], config: TrainConfig) -> str | None:

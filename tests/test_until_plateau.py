@@ -141,3 +141,28 @@ def test_until_plateau_without_a_val_folder_is_refused(tmp_path):
 def test_recorded_config_keeps_the_choice(straight):
     options = yaml.safe_load((straight / "config.yaml").read_text())
     assert options["until"] == "plateau" and options["probe_every"] == 1 and options["schedule"] is None
+
+
+def test_a_run_that_ends_while_its_live_probe_still_rises_says_so(data, tmp_path, monkeypatch):
+    """The end-of-run warning, with the rule's verdict forced (a tiny run's probe is 100% from the start): what
+    it reports is the trend still_rising found on the run's own probes."""
+    import supcon.train as train_module
+    from supcon.stopping import Trend
+
+    seen = []
+
+    def rising(probes, last_epoch):
+        seen.append((len(probes), last_epoch))
+        return Trend(first_epoch=3, last_epoch=6, probes=4, slope=0.01, standard_error=0.002, kind="residual")
+
+    monkeypatch.setattr(train_module, "still_rising", rising)
+    args = [a for a in ARGS if a not in ("--until", "plateau")]
+    args[args.index("--epochs") + 1] = "6"
+    result = invoke(["--data-folder", data, "--run-dir", tmp_path / "run", *args])
+    assert result.exit_code == 0, result.output
+    assert seen == [(6, 6)]  # every epoch's live probe, at the run's end
+    warning = [line[9:] for line in result.output.splitlines() if "still rising" in line]  # after the time stamp
+    assert warning == ["the live probe was still rising when the run ended: +3.0 points over epochs 3-6 (4 probes; "
+                       "as long again at that pace: +6.0, one standard error 1.2), so the encoder had probably not "
+                       "settled; to train longer, train a new run with a larger --epochs (a --schedule wsd run takes a "
+                       "larger --epochs on --resume until its cool-down begins)"]
