@@ -304,7 +304,7 @@ def summarize(results: list[dict], args: argparse.Namespace) -> tuple[dict, str]
                              f"{verdict['only_rival_correct']} images only one of them gets right, McNemar "
                              f"p={verdict['mcnemar_exact_p']:.3g} (per seed, against the best supervised run: "
                              f"{per_seed}).")
-            against_svm = {name: pooled(cells, name, "svm") for name in names}
+            against_svm = {name: pooled(cells, name, "svm") for name in names if name != "svm"}  # not with itself
             entry["versus_svm"] = against_svm
             lines.append("- Against the RBF SVM on pixels: " + "; ".join(
                 f"{LABELS[name]} {v['outcome']} it (p={v['mcnemar_exact_p']:.3g})" for name, v in against_svm.items())

@@ -137,6 +137,29 @@ def test_bench_quality_runs_the_whole_comparison_and_writes_its_table(tmp_path):
     assert set(val["cells"][0]["val_accuracy"]) == {"supcon", "ce_scratch"} and "test" not in val["cells"][0]
 
 
+def test_bench_quality_summary_compares_every_run_with_the_svm_but_not_the_svm_with_itself():
+    """summarize() on fabricated cells (two seeds, four runs): the SVM line names every other run, never the SVM."""
+    import argparse
+
+    bench = load_script("bench_quality")
+    correct = {"supcon": [1, 1, 1, 0, 1, 1], "ce_scratch": [1, 0, 1, 0, 1, 1], "svm": [1, 1, 0, 1, 1, 0],
+               "knn": [0, 1, 0, 1, 1, 0]}
+    cells = []
+    for seed in (0, 1):
+        test = {name: {"accuracy": sum(c) / len(c), "interval": [0.5, 1.0], "correct": c, "verdict": None}
+                for name, c in correct.items()}
+        rules = {rule: {"backbone_epoch": 4, "val_accuracy": 0.9, "test_accuracy": 0.8}
+                 for rule in bench.SELECTION_RULES}
+        cells.append({"dataset": "digits", "seed": seed, "selected_backbone_epoch": 4, "test": test, "rules": rules})
+    args = argparse.Namespace(val_only=False, epochs=6)
+    summary, markdown = bench.summarize(cells, args)
+    assert set(summary["digits"]["versus_svm"]) == {"supcon", "ce_scratch", "knn"}
+    (line,) = [line for line in markdown.splitlines() if line.startswith("- Against the RBF SVM on pixels:")]
+    assert "RBF SVM on pixels ties with it" not in line and line.count(" it (p=") == 3
+    assert all(bench.LABELS[name] in line for name in ("supcon", "ce_scratch", "knn"))
+    assert set(summary["digits"]["table"]) == set(correct)  # the SVM keeps its row in the table
+
+
 @pytest.mark.slow
 def test_bench_until_compares_the_auto_stopped_run_with_fixed_lengths(tmp_path):
     bench = load_script("bench_until")
