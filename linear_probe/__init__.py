@@ -17,6 +17,8 @@ Modules, in the order data flows through them:
 - ``select``: a run's (checkpoint, head) chosen on val only: ``trend`` (default), ``within-noise`` or
   ``max-val-acc``.
 - ``compare``: paired comparison of runs on the same test images (McNemar, paired F1 bootstrap).
+- ``operating_point``: a two-class run's decision threshold, chosen on val by an ``--operating-point`` rule and
+  recorded as ``RUN/operating_point.json`` for predict and export.
 - ``check``: the ``check-accuracies`` pipeline over runs: test once, ``comparison.{csv,md}``.
 - ``report``: CSV / markdown tables and the PNG plots of probe and test results.
 - ``cli``: ``probe-all`` and ``check-accuracies``, thin click shells.

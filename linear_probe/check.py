@@ -6,13 +6,19 @@ is read. A baseline run (``run_info.kind: baseline``) is evaluated by
 ``supcon.baseline.evaluate.predict_run``, which selected its best-by-val epoch during training. All
 runs are evaluated before any file is written, so a bad input anywhere leaves every run untouched.
 
+A two-class run is decided at an operating point (``--operating-point``, default ``argmax``): a
+threshold on the positive class's probability chosen by :mod:`linear_probe.operating_point` on the
+selected model's val predictions (a SupCon run's cached val features through the selected head; a
+baseline's best.pth on its val images, ``predict_val``) before its test images are encoded, then
+applied unchanged to them. Runs with more classes take the arg-max; any other rule is refused for them.
+
 Every test metric gets a seeded 95% bootstrap interval over the test images (``--bootstrap``), and
 runs tested on the same images are compared with the best one image by image (McNemar's exact test,
 paired F1 bootstrap; :mod:`linear_probe.compare`).
 
-Outputs: ``RUN/test_metrics.json``, ``RUN/confusion_matrix.png`` (``RUN/roc_curve.png`` for two
-classes) per run, and the comparison table ``comparison.csv`` / ``comparison.md`` in ``--output``
-(default: the runs root, ``./runs``).
+Outputs: ``RUN/test_metrics.json``, ``RUN/confusion_matrix.png`` (two classes: ``RUN/roc_curve.png``
+and ``RUN/operating_point.json``, which predict and supcon-export read) per run, and the comparison
+table ``comparison.csv`` / ``comparison.md`` in ``--output`` (default: the runs root, ``./runs``).
 """
 
 from __future__ import annotations
@@ -31,10 +37,19 @@ from linear_probe.compare import EXPLANATION, PairedResult, Verdict, compare_to_
 from linear_probe.config import CheckConfig
 from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures
 from linear_probe.heads import FINAL_STATE_DICT, HEADS_DIR, HeadRecord, load_head_records, load_head_state
+from linear_probe.operating_point import (
+    ARGMAX,
+    OperatingPoint,
+    choose_operating_point,
+    parse_rule,
+    positive_index,
+    write_operating_point,
+)
 from linear_probe.probe import make_head
 from linear_probe.report import (
     COMPARISON_CSV_FIELDS,
     comparison_rows,
+    operating_point_table,
     percent_interval,
     plot_confusion_matrix,
     plot_roc,
@@ -46,8 +61,8 @@ from supcon.checkpoint import atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
 from supcon.frozen import resolve_device
-from supcon.metrics import TestMetrics, classification_metrics, wilson_interval
-from supcon.rundir import TEST_METRICS_FILE, find_runs, load_supcon_checkpoint
+from supcon.metrics import TestMetrics, classification_metrics, decide, wilson_interval
+from supcon.rundir import BEST, TEST_METRICS_FILE, find_runs, load_supcon_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +95,7 @@ class RunEvaluation:
     chosen: str = ""  # which model was tested, for the plots' titles
     supcon_based: bool = False  # a SupCon run's probe, or a baseline fine-tuned from a SupCon encoder
     verdict: Verdict | None = None
+    operating_point: OperatingPoint | None = None  # two classes: the decision threshold chosen on val
 
     def to_json(self) -> dict[str, Any]:
         metrics = self.metrics.to_dict()
@@ -87,6 +103,7 @@ class RunEvaluation:
         paired = None if self.versus_best is None else self.versus_best.to_dict()
         return {"run": str(self.run_dir), "kind": self.kind, "network": self.network, "batch_size": self.batch_size,
                 "test_folder": self.test_folder, "selection": self.selection, "metrics": metrics,
+                "operating_point": None if self.operating_point is None else self.operating_point.to_json(),
                 "versus_best": paired, "verdict": None if self.verdict is None else self.verdict.to_dict(),
                 "labels": None if self.labels is None else [int(v) for v in self.labels],
                 "predictions": None if self.predictions is None else [int(v) for v in self.predictions]}
@@ -98,7 +115,10 @@ class RunEvaluation:
                "val_accuracy": self.val_accuracy, "accuracy": m.accuracy, "precision": m.precision,
                "recall": m.recall, "f1": m.f1, "average": m.average, "roc_auc": m.roc_auc, "network": self.network,
                "test_folder": self.test_folder, "num_test": m.num_samples, "intervals": m.intervals,
-               "versus_best": self.comparison if self.versus_best is None else self.versus_best.describe()}
+               "versus_best": self.comparison if self.versus_best is None else self.versus_best.describe(),
+               "operating_point": None if self.operating_point is None else self.operating_point.rule,
+               "positive_class": m.positive_class, "threshold": m.threshold, "sensitivity": m.sensitivity,
+               "specificity": m.specificity, "balanced_accuracy": m.balanced_accuracy, "auprc": m.auprc}
         if self.versus_best is not None:
             row.update({f"versus_best_{k}": v for k, v in self.versus_best.to_dict().items()})
         return row
@@ -117,11 +137,14 @@ class _SupConPlan:
     best: HeadRecord
     selection: Selection
     test_index: ImageFolderIndex
+    positive: int | None = None  # two classes: the positive class's index (an operating point is chosen)
+    val_index: ImageFolderIndex | None = None  # two classes: where it is chosen
 
 
 @dataclass
 class _BaselinePlan:
     run: RunInfo
+    positive: int | None = None
 
 
 def has_probe_results(run_dir: Path) -> bool:
@@ -168,17 +191,39 @@ def _plan_supcon(run: RunInfo, config: CheckConfig) -> _SupConPlan:
     selection = select(records, config.select)  # validation results only: the test folder is not even read yet
     best = selection.record
     class_names = run.class_names or best.class_names
+    positive = _positive_class(run.run_dir, class_names, config)
+    allow = config.allow_split_class_names or run.allows_split_names
+    val_index = None if positive is None else scan_checked(best.val_folder, "val folder", class_names, allow)
     test_folder = resolve_folder(config.test_folder, run.train_folder, "test", "--test-folder")
-    return _SupConPlan(run, best, selection, scan_checked(test_folder, "test folder", class_names,
-                                                          config.allow_split_class_names or run.allows_split_names))
+    return _SupConPlan(run, best, selection, scan_checked(test_folder, "test folder", class_names, allow),
+                       positive, val_index)
 
 
-def _predict_run():
+def _positive_class(run_dir: Path, class_names: list[str], config: CheckConfig) -> int | None:
+    """The positive class's index of a two-class run (an operating point is chosen for it), else None.
+
+    Raises:
+        UserError: an operating point other than argmax, or ``--positive-class``, for a run without two
+            classes; a ``--positive-class`` that is not one of the run's classes.
+    """
+    if len(class_names) != 2:
+        described = f"{run_dir} has {len(class_names)} classes ({', '.join(class_names) or 'none recorded'})"
+        if parse_rule(config.operating_point).name != ARGMAX:
+            raise UserError(f"--operating-point {config.operating_point} needs a two-class run; {described}; "
+                            "use --operating-point argmax")
+        if config.positive_class is not None:
+            raise UserError(f"--positive-class needs a two-class run; {described}")
+        return None
+    return positive_index(class_names, config.positive_class)
+
+
+def _baseline_evaluate() -> tuple[Any, Any]:
+    """``supcon.baseline.evaluate``'s ``(predict_run, predict_val)``."""
     try:
-        from supcon.baseline.evaluate import predict_run
+        from supcon.baseline.evaluate import predict_run, predict_val
     except ImportError as exc:
         raise UserError(f"baseline runs need supcon.baseline.evaluate, which this install lacks ({exc})") from None
-    return predict_run
+    return predict_run, predict_val
 
 
 def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult:
@@ -193,15 +238,15 @@ def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult
     plans: list[_SupConPlan | _BaselinePlan] = []
     for run in runs_to_check(config):
         if run.kind == BASELINE_KIND:
-            _predict_run()  # fail early when the baseline package is missing
-            plans.append(_BaselinePlan(run))
+            _baseline_evaluate()  # fail early when the baseline package is missing
+            plans.append(_BaselinePlan(run, _positive_class(run.run_dir, run.class_names, config)))
         else:
             run.require_supcon("check-accuracies")
             plans.append(_plan_supcon(run, config))
 
     device = resolve_device(config.device)
     evaluations = [
-        _evaluate_baseline(plan.run, config) if isinstance(plan, _BaselinePlan)
+        _evaluate_baseline(plan, config) if isinstance(plan, _BaselinePlan)
         else _evaluate_supcon(plan, config, device, progress)
         for plan in plans
     ]
@@ -211,7 +256,9 @@ def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult
     for evaluation in evaluations:
         _write_run_outputs(evaluation)
     output = Path(config.output or config.runs_root)
-    csv_rows, markdown = comparison_rows([e.table_row() for e in evaluations])
+    rows = [e.table_row() for e in evaluations]
+    csv_rows, markdown = comparison_rows(rows)
+    markdown += operating_point_table(rows)
     if len(evaluations) > 1:
         markdown += f"\n{EXPLANATION}\n"
     if verdicts:
@@ -247,9 +294,10 @@ def _compare_runs(evaluations: list[RunEvaluation], config: CheckConfig) -> None
         if not same_images:
             evaluation.comparison = "other test images"
             continue
+        point = evaluation.operating_point
         evaluation.versus_best = compare_to_best(
             evaluation.labels, evaluation.predictions, best.predictions, len(evaluation.metrics.class_names),
-            config.average, config.bootstrap, config.bootstrap_seed)
+            config.average, config.bootstrap, config.bootstrap_seed, 1 if point is None else point.positive_index)
 
 
 def _advice_sentence(advice: str | None) -> str:
@@ -294,22 +342,54 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     head.to(device).eval()
     frozen = FrozenFeatures(FeatureCache(run.cache_dir), run.size, config.encode_batch_size, config.num_workers,
                             progress)
-    features, labels = frozen.of(checkpoint, plan.test_index, "test images")
-    with torch.no_grad():
-        probabilities = torch.softmax(head(features.to(device)), dim=1).cpu().numpy()
+    point = None
+    if plan.positive is not None:  # chosen on val before the test images are encoded
+        val_labels, val_probabilities = _head_probabilities(frozen, checkpoint, head, plan.val_index, "val images")
+        model = {"kind": run.kind, "checkpoint": best.checkpoint, "checkpoint_sha256": best.checkpoint_stamp.sha256,
+                 "backbone_epoch": best.backbone_epoch, "head_epoch": chosen.head_epoch,
+                 "head": "final" if chosen.final_head else "best", "select": chosen.rule}
+        point = _choose(run.run_dir, config, val_labels, val_probabilities, class_names, plan.positive, model,
+                        plan.val_index.root)
+    labels, probabilities = _head_probabilities(frozen, checkpoint, head, plan.test_index, "test images")
     checkpoint.assert_encoder_unchanged()
-    metrics = classification_metrics(labels.numpy(), probabilities, class_names, config.average, config.bootstrap,
-                                     config.bootstrap_seed)
-    model = run.model_config.get("model", "?")
+    metrics = _metrics(labels, probabilities, class_names, config, point)
+    model_name = run.model_config.get("model", "?")
     logger.info("%s: %s (backbone epoch %d, head epoch %d, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name,
                 best.checkpoint, best.backbone_epoch, chosen.head_epoch, 100 * chosen.val_accuracy,
                 100 * metrics.accuracy)
     head_kind = "final" if chosen.final_head else "best val"
-    return RunEvaluation(run.run_dir, run.kind, f"SupCon {model}", run.global_batch, best.backbone_epoch,
+    return RunEvaluation(run.run_dir, run.kind, f"SupCon {model_name}", run.global_batch, best.backbone_epoch,
                          chosen.head_epoch, best.checkpoint, chosen.val_accuracy, plan.test_index.root,
-                         metrics, _selection_summary(chosen), labels.numpy(), probabilities.argmax(axis=1),
-                         chosen=f"{best.checkpoint}, {head_kind} head (epoch {chosen.head_epoch}), {chosen.rule}",
-                         supcon_based=True)
+                         metrics, _selection_summary(chosen), labels, _decisions(probabilities, metrics, point),
+                         chosen=f"{best.checkpoint}, {head_kind} head (epoch {chosen.head_epoch}), {chosen.rule}"
+                         + _threshold_words(point), supcon_based=True, operating_point=point)
+
+
+def _head_probabilities(frozen: FrozenFeatures, checkpoint: FrozenCheckpoint, head: torch.nn.Module,
+                        index: ImageFolderIndex, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels [N], class probabilities [N, C])`` of a checkpoint + head on a folder (features from the cache)."""
+    features, labels = frozen.of(checkpoint, index, what)
+    with torch.no_grad():
+        probabilities = torch.softmax(head(features.to(checkpoint.device)), dim=1).cpu().numpy()
+    return labels.numpy(), probabilities
+
+
+def _metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], config: CheckConfig,
+             point: OperatingPoint | None) -> TestMetrics:
+    """Test metrics at the run's operating point (the arg-max decision without one, or for ``argmax``)."""
+    threshold = None if point is None or point.is_argmax else point.threshold
+    positive = 1 if point is None else point.positive_index
+    return classification_metrics(labels, probabilities, class_names, config.average, config.bootstrap,
+                                  config.bootstrap_seed, positive=positive, threshold=threshold)
+
+
+def _decisions(probabilities: np.ndarray, metrics: TestMetrics, point: OperatingPoint | None) -> np.ndarray:
+    positive = 1 if point is None else point.positive_index
+    return decide(probabilities, positive, metrics.threshold)
+
+
+def _threshold_words(point: OperatingPoint | None) -> str:
+    return "" if point is None or point.is_argmax else f"\nat {point.describe()} (chosen on val)"
 
 
 def _selection_summary(chosen: Selection) -> dict[str, Any]:
@@ -330,13 +410,17 @@ def _selection_summary(chosen: Selection) -> dict[str, Any]:
     }
 
 
-def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
-    out = _predict_run()(run.run_dir, test_folder=config.test_folder, batch_size=config.encode_batch_size,
-                         allow_split_names=config.allow_split_class_names,
-                         num_workers=config.num_workers)
+def _evaluate_baseline(plan: _BaselinePlan, config: CheckConfig) -> RunEvaluation:
+    run = plan.run
+    predict_run, predict_val = _baseline_evaluate()
+    loader = {"batch_size": config.encode_batch_size, "allow_split_names": config.allow_split_class_names,
+              "num_workers": config.num_workers}
+    point = None if plan.positive is None else _baseline_operating_point(run, predict_val(run.run_dir, **loader),
+                                                                         plan.positive, config)
+    out = predict_run(run.run_dir, test_folder=config.test_folder, **loader)
     class_names = list(out["class_names"])
-    metrics = classification_metrics(out["labels"], out["probabilities"], class_names, config.average,
-                                     config.bootstrap, config.bootstrap_seed)
+    labels = np.asarray(out["labels"]).astype(int)
+    metrics = _metrics(labels, out["probabilities"], class_names, config, point)
     # A classical baseline (svm/logreg/knn) has neither batch nor epoch: its hyper-parameters were chosen on val.
     epoch = None if out["selected_epoch"] is None else int(out["selected_epoch"])
     batch_size = None if out["batch_size"] is None else int(out["batch_size"])
@@ -348,18 +432,44 @@ def _evaluate_baseline(run: RunInfo, config: CheckConfig) -> RunEvaluation:
     logger.info("%s (%s, epoch %s, val %.2f%%) -> test accuracy %.2f%%", run.run_dir.name, out["network"],
                 "-" if epoch is None else epoch, 100 * out["val_accuracy"], 100 * metrics.accuracy)
     return RunEvaluation(run.run_dir, run.kind, str(out["network"]), batch_size, epoch, None, None,
-                         float(out["val_accuracy"]), str(out["test_folder"]), metrics, selection,
-                         np.asarray(out["labels"]).astype(int), np.asarray(out["probabilities"]).argmax(axis=1),
-                         chosen=chosen, supcon_based=bool(run.run_info.get("init_from")))
+                         float(out["val_accuracy"]), str(out["test_folder"]), metrics, selection, labels,
+                         _decisions(np.asarray(out["probabilities"]), metrics, point),
+                         chosen=chosen + _threshold_words(point), supcon_based=bool(run.run_info.get("init_from")),
+                         operating_point=point)
+
+
+def _baseline_operating_point(run: RunInfo, val: dict[str, Any], positive: int,
+                              config: CheckConfig) -> OperatingPoint:
+    """The operating point of a baseline run, chosen on ``predict_val``'s output (its best.pth on its val images)."""
+    class_names = list(val["class_names"])
+    if run.class_names and class_names != run.class_names:
+        raise UserError(f"{run.run_dir}: best.pth holds the classes {class_names}, config.yaml {run.class_names}")
+    epoch = val["selected_epoch"]
+    model = {"kind": run.kind, "checkpoint": BEST, "checkpoint_sha256": None,
+             "backbone_epoch": None if epoch is None else int(epoch), "head_epoch": None}
+    return _choose(run.run_dir, config, val["labels"], val["probabilities"], class_names, positive, model,
+                   str(val["val_folder"]))
+
+
+def _choose(run_dir: Path, config: CheckConfig, labels: np.ndarray, probabilities: np.ndarray,
+            class_names: list[str], positive: int, model: dict[str, Any], val_folder: str) -> OperatingPoint:
+    """:func:`choose_operating_point` on a run's val predictions; its errors name the run."""
+    try:
+        return choose_operating_point(config.operating_point, labels, probabilities, class_names, positive, model,
+                                      val_folder)
+    except UserError as exc:
+        raise UserError(f"{run_dir}: {exc}") from None
 
 
 def _write_run_outputs(evaluation: RunEvaluation) -> None:
     run_dir, metrics = evaluation.run_dir, evaluation.metrics
     atomic_write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", run_dir / METRICS_JSON)
+    if evaluation.operating_point is not None:
+        write_operating_point(run_dir, evaluation.operating_point)
     title = f"{run_dir.name}: test accuracy {percent_interval(metrics.accuracy, metrics.intervals.get('accuracy'))}"
     if evaluation.chosen:
         title += f"\n{evaluation.chosen}"
     plot_confusion_matrix(run_dir / CONFUSION_PNG, metrics.confusion_matrix, metrics.class_names, title)
     if metrics.roc_curve is not None:
         plot_roc(run_dir / ROC_PNG, metrics.roc_curve["fpr"], metrics.roc_curve["tpr"], metrics.roc_auc,
-                 metrics.class_names[1], f"{run_dir.name}: ROC")
+                 metrics.positive_class or metrics.class_names[1], f"{run_dir.name}: ROC")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from linear_probe.config import AVERAGES, HEAD_SOLVERS, SELECTION_RULES, CheckConfig, ProbeConfig
+from linear_probe.operating_point import RULE_FORMS, parse_rule
 from supcon.cli_utils import OneLineErrorCommand, resolve_command_config, setup_logging, show_progress
+from supcon.errors import UserError
 
 P = ProbeConfig()
 C = CheckConfig()
@@ -36,6 +38,18 @@ def _shared_options(defaults, section: str):
         return command
 
     return decorate
+
+
+class OperatingPointRule(click.ParamType):
+    """``--operating-point``: refused by the parser, in one line, unless :func:`parse_rule` accepts it."""
+
+    name = "RULE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return str(parse_rule(value))
+        except UserError as exc:
+            self.fail(str(exc).removeprefix("--operating-point "), param, ctx)
 
 
 def _command_config(ctx: click.Context, cls: type, section: str, config_path: str | None, verbose: bool):
@@ -113,6 +127,14 @@ def probe_all_command(ctx: click.Context, config: str | None, quiet: bool, verbo
                    "neighbouring checkpoints; the latest within one standard error of the best), within-noise (the "
                    "lowest val loss of those within the 95% interval of the best) or max-val-acc (the recorded "
                    "experiments' rule).")
+@click.option("--operating-point", type=OperatingPointRule(), default=C.operating_point, show_default=True,
+              help=f"Two-class runs: how the decision threshold on the positive class's probability is chosen on "
+                   f"the selected model's val predictions, then applied unchanged to test: {RULE_FORMS}. "
+                   "recall>=X: the best val precision among the thresholds with val recall >= X; precision>=X and "
+                   "specificity>=X: the best val recall. Recorded in RUN/operating_point.json for predict and "
+                   "supcon-export.")
+@click.option("--positive-class", type=str,
+              help="Two-class runs: the positive class's name [default: the second class in sorted order].")
 @click.option("--bootstrap", type=int, default=C.bootstrap, show_default=True,
               help="Bootstrap resamples of the test images for the 95% intervals and paired F1 differences (0: none).")
 @click.option("--bootstrap-seed", type=int, default=C.bootstrap_seed, show_default=True,
@@ -129,7 +151,7 @@ def check_accuracies_command(ctx: click.Context, config: str | None, quiet: bool
                               progress=show_progress(quiet))
     click.echo(result.table_markdown)
     click.echo(f"table: {result.files['csv']}, {result.files['markdown']}; per run: test_metrics.json, "
-               "confusion_matrix.png (roc_curve.png for two classes)")
+               "confusion_matrix.png (two classes: roc_curve.png, operating_point.json)")
     return 0
 
 

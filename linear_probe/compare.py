@@ -48,14 +48,16 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, in
 
 def paired_f1_difference(labels: np.ndarray, predictions_a: np.ndarray, predictions_b: np.ndarray,
                          num_classes: int, average: str = "macro", resamples: int = 1000, seed: int = 0,
-                         confidence: float = CONFIDENCE) -> list[float] | None:
-    """Bootstrap interval of F1(A) - F1(B), both on the same resamples of the images."""
+                         confidence: float = CONFIDENCE, positive: int = 1) -> list[float] | None:
+    """Bootstrap interval of F1(A) - F1(B), both on the same resamples of the images (``binary``: of class
+    ``positive``)."""
     labels = np.asarray(labels, dtype=np.int64)
     predictions = [np.asarray(p, dtype=np.int64) for p in (predictions_a, predictions_b)]
 
     def difference(index: np.ndarray) -> np.ndarray:
         resampled = labels[index]
-        f1 = [precision_recall_f1(confusion_counts(resampled, p[index], num_classes), average)[2] for p in predictions]
+        f1 = [precision_recall_f1(confusion_counts(resampled, p[index], num_classes), average, positive)[2]
+              for p in predictions]
         return (f1[0] - f1[1])[None]
 
     return bootstrap_intervals(difference, len(labels), resamples, seed, confidence)[0]
@@ -88,11 +90,11 @@ class PairedResult:
 
 
 def compare_to_best(labels: np.ndarray, predictions: np.ndarray, best_predictions: np.ndarray, num_classes: int,
-                    average: str, resamples: int, seed: int) -> PairedResult:
+                    average: str, resamples: int, seed: int, positive: int = 1) -> PairedResult:
     """McNemar and the paired F1 bootstrap of one run against the best, on the same labelled images."""
     only_this, only_best, p_value = mcnemar_exact(predictions == labels, best_predictions == labels)
-    difference = (paired_f1_difference(labels, predictions, best_predictions, num_classes, average, resamples, seed)
-                  if resamples > 0 else None)
+    difference = (paired_f1_difference(labels, predictions, best_predictions, num_classes, average, resamples, seed,
+                                       positive=positive) if resamples > 0 else None)
     return PairedResult(only_this, only_best, p_value, difference)
 
 

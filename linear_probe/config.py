@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from linear_probe.operating_point import ARGMAX, parse_rule
 from supcon.config import check_bounds
 from supcon.errors import UserError
 
@@ -131,13 +132,20 @@ def resolve_head_solver(config: ProbeConfig) -> str:
 
 @dataclass
 class CheckConfig:
-    """Every option of ``check-accuracies`` (YAML section ``check:``)."""
+    """Every option of ``check-accuracies`` (YAML section ``check:``).
+
+    ``operating_point``: how a two-class run's decision threshold is chosen on val
+    (:func:`linear_probe.operating_point.parse_rule`); ``positive_class``: its positive class
+    [default: the second class].
+    """
 
     runs: list[str] = field(default_factory=list)
     runs_root: str = "runs"
     test_folder: str | None = None
     average: str = "macro"
     select: str = SELECTION_RULES[0]
+    operating_point: str = ARGMAX
+    positive_class: str | None = None
     bootstrap: int = 1000
     bootstrap_seed: int = 0
     output: str | None = None
@@ -153,6 +161,7 @@ class CheckConfig:
             raise UserError(f"--average must be one of {', '.join(AVERAGES)}, got {self.average!r}")
         if self.select not in SELECTION_RULES:
             raise UserError(f"--select must be one of {', '.join(SELECTION_RULES)}, got {self.select!r}")
+        parse_rule(self.operating_point)
         if self.bootstrap < 0:
             raise UserError(f"--bootstrap must be >= 0 (0: no intervals), got {self.bootstrap}")
         if self.encode_batch_size < 1:

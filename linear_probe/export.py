@@ -3,7 +3,9 @@
 Layout of the output folder::
 
     DIR/config.json                   timm's hub config (architecture, num_classes 0, mean/std, input size)
-                                      + "supcon_export": stem, class names, the run and checkpoint it came from
+                                      + "supcon_export": stem, class names, the run and checkpoint it came from,
+                                      and for two classes the positive class and the decision threshold
+                                      (the run's operating_point.json when it was chosen for this model)
     DIR/model.safetensors             the encoder: timm model with num_classes=0 (pooled features)
     DIR/classifier/config.json        the same with num_classes = the run's classes and their names
     DIR/classifier/model.safetensors  encoder + the selected linear head as timm's own classifier layer
@@ -40,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from linear_probe.classifier import RunClassifier, load_run_classifier
+from linear_probe.operating_point import ARGMAX_THRESHOLD, OperatingPoint, recorded_for
 from supcon.checkpoint import atomic_write_text
 from supcon.errors import UserError
 from supcon.models import adapt_small_input
@@ -100,8 +103,10 @@ def timm_classifier_model(classifier: RunClassifier) -> nn.Module:
     return model.eval()
 
 
-def _hub_config(classifier: RunClassifier, num_classes: int, num_features: int) -> dict[str, Any]:
-    """timm's hub ``config.json`` (so ``local-dir:`` loading works) plus our provenance."""
+def _hub_config(classifier: RunClassifier, num_classes: int, num_features: int,
+                point: OperatingPoint | None = None) -> dict[str, Any]:
+    """timm's hub ``config.json`` (so ``local-dir:`` loading works) plus our provenance and, for two classes,
+    the decision (``point``: the run's recorded operating point for this model, else 0.5 on the second class)."""
     pretrained_cfg = dict(getattr(classifier.network.encoder, "pretrained_cfg", None) or {})
     for key in ("hf_hub_id", "url", "file", "source", "tag", "license", "paper_ids", "origin_url", "description",
                 "notes", "state_dict", "hf_hub_filename"):
@@ -121,7 +126,10 @@ def _hub_config(classifier: RunClassifier, num_classes: int, num_features: int) 
         "model": classifier.model_name,
         "num_classes": num_classes,
         "class_names": list(classifier.class_names),
-        "positive_class": classifier.class_names[1] if len(classifier.class_names) == 2 else None,
+        "positive_class": _positive_class(classifier, point),
+        "decision_threshold": (None if len(classifier.class_names) != 2
+                               else ARGMAX_THRESHOLD if point is None else point.threshold),
+        "operating_point": None if point is None else point.to_json(),
         "output": ("features" if not num_classes else "one logit: sigmoid = probability of the positive class"
                    if classifier.single_logit else "logits: softmax = class probabilities"),
         "input_size": classifier.size,
@@ -136,6 +144,12 @@ def _hub_config(classifier: RunClassifier, num_classes: int, num_features: int) 
         "source": classifier.source,
     }
     return config
+
+
+def _positive_class(classifier: RunClassifier, point: OperatingPoint | None) -> str | None:
+    if len(classifier.class_names) != 2:
+        return None
+    return classifier.class_names[1] if point is None else point.positive_class
 
 
 def _write_folder(folder: Path, model: nn.Module, config: dict[str, Any]) -> dict[str, Path]:
@@ -195,6 +209,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise UserError(f"output folder {out_dir} exists and is not empty; choose another --out or pass --force")
     classifier = load_run_classifier(run_dir, checkpoint)
+    point = recorded_for(run_dir, classifier.source) if len(classifier.class_names) == 2 else None
     full = timm_classifier_model(classifier)
     encoder = classifier.network.encoder
     num_features = classifier.network.head.in_features
@@ -203,10 +218,10 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, checkpoin
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         files = {}
-        encoder_config = _hub_config(classifier, 0, num_features)
+        encoder_config = _hub_config(classifier, 0, num_features, point)
         files.update({f"encoder_{k}": staging / v.name for k, v in
                       _write_folder(staging, encoder, encoder_config).items()})
-        classifier_config = _hub_config(classifier, len(classifier.class_names), num_features)
+        classifier_config = _hub_config(classifier, len(classifier.class_names), num_features, point)
         files.update({f"classifier_{k}": staging / CLASSIFIER_DIR / v.name for k, v in
                       _write_folder(staging / CLASSIFIER_DIR, full, classifier_config).items()})
         diffs = {}

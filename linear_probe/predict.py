@@ -1,8 +1,11 @@
 """``predict``: classify new images with a run's selected classifier; one CSV row per image.
 
 Columns: ``path``, ``predicted_class``, ``probability_<class>`` for every class, and for two classes
-also ``positive_probability`` (of the second class) and the ``threshold`` used: the prediction is
-the positive class when its probability is at least the threshold. Images go through the run's eval
+also ``positive_class``, ``positive_probability`` (of that class) and the ``threshold`` used: the
+prediction is the positive class when its probability is at least the threshold. The threshold and
+the positive class are the run's recorded operating point (``RUN/operating_point.json``, written by
+``check-accuracies`` for the model it chose), else 0.5 on the second class; ``--threshold`` overrides
+the threshold (:func:`linear_probe.operating_point.resolve_decision`). Images go through the run's eval
 transform (resize the short side, centre crop, the run's mean/std), in batches, on the GPU when
 there is one. Unreadable files are listed and skipped, never a traceback.
 """
@@ -23,10 +26,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from linear_probe.classifier import RunClassifier, load_run_classifier
+from linear_probe.operating_point import Decision, resolve_decision
 from supcon.checkpoint import atomic_write_text
 from supcon.data import IMG_EXTENSIONS, eval_transform, load_rgb, make_loader
 from supcon.errors import UserError
 from supcon.frozen import resolve_device
+from supcon.metrics import decide
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class Predictions:
     probabilities: np.ndarray  # [N, C]
     predicted: np.ndarray  # [N] class indices
     class_names: list[str]
-    threshold: float | None  # two classes only
+    decision: Decision | None  # two classes only
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def rows(self) -> list[dict[str, object]]:
@@ -52,15 +57,17 @@ class Predictions:
             row: dict[str, object] = {"path": path, "predicted_class": self.class_names[predicted]}
             row.update({f"probability_{name}": f"{p:.6f}" for name, p in zip(self.class_names, probabilities,
                                                                               strict=True)})
-            if self.threshold is not None:
-                row.update(positive_probability=f"{probabilities[1]:.6f}", threshold=self.threshold)
+            if self.decision is not None:
+                positive = self.decision.positive
+                row.update(positive_class=self.class_names[positive],
+                           positive_probability=f"{probabilities[positive]:.6f}", threshold=self.decision.threshold)
             rows.append(row)
         return rows
 
     def to_csv(self) -> str:
         fields = ["path", "predicted_class"] + [f"probability_{name}" for name in self.class_names]
-        if self.threshold is not None:
-            fields += ["positive_probability", "threshold"]
+        if self.decision is not None:
+            fields += ["positive_class", "positive_probability", "threshold"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=fields)
         writer.writeheader()
@@ -134,25 +141,26 @@ def classify_paths(classifier: RunClassifier, paths: Sequence[str], device: torc
     return kept, stacked, skipped
 
 
-def decide(probabilities: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Predicted class indices: arg-max, or for two classes ``positive probability >= threshold``."""
-    if threshold is None:
-        return probabilities.argmax(axis=1)
-    return (probabilities[:, 1] >= threshold).astype(int)
-
-
 def predict_images(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], checkpoint: str = "selected",
-                   threshold: float = 0.5, batch_size: int = 64, num_workers: int = 0, device: str = "auto",
+                   threshold: float | None = None, batch_size: int = 64, num_workers: int = 0, device: str = "auto",
                    progress: bool = False) -> Predictions:
     """Classify image files and folders with a run's classifier (see the module docstring).
 
+    Args:
+        threshold: two classes: predict the positive class at this probability or above [default: the
+            run's recorded operating point, else 0.5]; the threshold used is logged and written per row.
+
     Raises:
         UserError: bad run or checkpoint, a missing input, no images at all, a threshold outside
-            [0, 1], or no readable image.
+            [0, 1], a malformed operating_point.json, or no readable image.
     """
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UserError(f"--threshold must be within [0, 1], got {threshold}")
     classifier = load_run_classifier(run_dir, checkpoint)
+    decision = None
+    if len(classifier.class_names) == 2:
+        decision = resolve_decision(run_dir, classifier.class_names, classifier.source, threshold)
+        logger.info("decision: %s", decision.source)
     paths = collect_images(inputs)
     kept, probabilities, skipped = classify_paths(classifier, paths, resolve_device(device), batch_size,
                                                   num_workers, progress)
@@ -161,9 +169,9 @@ def predict_images(run_dir: str | os.PathLike, inputs: Sequence[str | os.PathLik
     if not kept:
         raise UserError(f"none of the {len(paths)} image files could be read (e.g. {skipped[0][0]}: "
                         f"{skipped[0][1]})")
-    binary_threshold = threshold if len(classifier.class_names) == 2 else None
-    return Predictions([paths[i] for i in kept], probabilities, decide(probabilities, binary_threshold),
-                       classifier.class_names, binary_threshold, skipped)
+    predicted = (probabilities.argmax(axis=1) if decision is None
+                 else decide(probabilities, decision.positive, decision.threshold))
+    return Predictions([paths[i] for i in kept], probabilities, predicted, classifier.class_names, decision, skipped)
 
 
 def write_predictions(predictions: Predictions, out: str | os.PathLike) -> Path:

@@ -22,7 +22,7 @@ from linear_probe.heads import HeadRecord
 from linear_probe.probe import describe_settings
 from linear_probe.select import settled_val_accuracy, settled_val_loss
 from supcon.checkpoint import atomic_write_bytes, atomic_write_text
-from supcon.metrics import INTERVAL_METRICS, wilson_interval
+from supcon.metrics import INTERVAL_METRICS, OPERATING_METRICS, wilson_interval
 
 PROBE_HEADERS = ["checkpoint", "backbone epoch", "best val accuracy [95% interval]", "head epoch",
                  "settled val accuracy"]
@@ -36,7 +36,12 @@ COMPARISON_CSV_FIELDS = ["run", "kind", "batch_size", "backbone_epoch", "head_ep
                          "accuracy", "precision", "recall", "f1", "average", "roc_auc", *_INTERVAL_FIELDS, "num_test",
                          "versus_best_mcnemar_exact_p", "versus_best_only_this_correct",
                          "versus_best_only_best_correct", "versus_best_f1_difference_interval",
-                         "versus_best_distinguishable", "network", "test_folder"]
+                         "versus_best_distinguishable", "network", "test_folder", "operating_point",
+                         "positive_class", "threshold",
+                         *[f"{name}{end}" for name in OPERATING_METRICS for end in ("", "_low", "_high")]]
+#: The table of two-class runs at their operating points, under the comparison table.
+OPERATING_HEADERS = ["Run", "Operating point", "Positive class", "Threshold", "Sensitivity", "Specificity",
+                     "Balanced accuracy", "AUROC", "AUPRC"]
 
 
 def percent(value: float | None) -> str:
@@ -300,8 +305,28 @@ def comparison_rows(results: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
     csv_rows = []
     for r in results:
         row = dict(r)
-        for name in INTERVAL_METRICS:
+        for name in INTERVAL_METRICS + OPERATING_METRICS:
             low_high = (r.get("intervals") or {}).get(name) or [None, None]
             row[f"{name}_low"], row[f"{name}_high"] = low_high
         csv_rows.append(row)
     return csv_rows, markdown_table(COMPARISON_HEADERS, md_rows)
+
+
+def operating_point_table(results: Sequence[dict[str, Any]]) -> str:
+    """The two-class runs' decisions (threshold on the positive class's probability, chosen on val) and their
+    sensitivity, specificity, balanced accuracy, AUROC and AUPRC with intervals; ``""`` when no run has two
+    classes."""
+    rows = []
+    for r in results:
+        if r.get("positive_class") is None:
+            continue
+        intervals = r.get("intervals") or {}
+        threshold = "0.5 (arg-max)" if r.get("threshold") is None else f"{r['threshold']:.4g}"
+        cells = [percent_interval(r.get(name), intervals.get(name), " [-]" if intervals else "")
+                 for name in ("sensitivity", "specificity", "balanced_accuracy", "roc_auc", "auprc")]
+        rows.append([Path(r["run"]).name, r.get("operating_point") or "argmax", r["positive_class"], threshold,
+                     *cells])
+    if not rows:
+        return ""
+    return ("\nTwo-class runs at their operating point (the threshold on the positive class's probability, "
+            "chosen on val; AUROC and AUPRC do not depend on it):\n\n" + markdown_table(OPERATING_HEADERS, rows))

@@ -35,6 +35,13 @@ def export_command(run_dir: str, checkpoint: str, out_dir: str, onnx: bool, forc
     click.echo(f"exported {source['checkpoint']} of {run_dir} to {result.out_dir}:")
     for path in result.files.values():
         click.echo(f"  {path}")
+    export = result.config["supcon_export"]
+    if export["decision_threshold"] is not None:
+        recorded = export["operating_point"]
+        click.echo(f"decision: {export['positive_class']} when P({export['positive_class']}) >= "
+                   f"{export['decision_threshold']:.4g} ("
+                   + (f"operating point {recorded['rule']}, chosen on val" if recorded else "no operating point "
+                      "recorded for this model: check-accuracies --operating-point RULE records one") + ")")
     for name, diff in result.onnx_max_abs_diff.items():
         click.echo(f"ONNX {name}: max abs difference to PyTorch {diff:.2e} (onnxruntime, CPU)")
     click.echo("load it with timm:\n" + timm_loading_call(result.config, result.out_dir))
@@ -46,20 +53,22 @@ def export_command(run_dir: str, checkpoint: str, out_dir: str, onnx: bool, forc
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", default="predictions.csv", show_default=True, help="CSV file to write.")
 @click.option("--checkpoint", default="selected", show_default=True, help=CHECKPOINT_HELP)
-@click.option("--threshold", type=float, default=0.5, show_default=True,
-              help="Two classes: predict the positive (second) class when its probability is at least this.")
+@click.option("--threshold", type=float,
+              help="Two classes: predict the positive class when its probability is at least this [default: the "
+                   "run's operating point recorded by check-accuracies (RUN/operating_point.json), else 0.5 on the "
+                   "second class].")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True, help="Data-loading processes.")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU if any), cpu or cuda[:N].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
-def predict_command(run_dir: str, images: tuple[str, ...], out: str, checkpoint: str, threshold: float,
+def predict_command(run_dir: str, images: tuple[str, ...], out: str, checkpoint: str, threshold: float | None,
                     batch_size: int, num_workers: int, device: str, quiet: bool, verbose: bool):
     """Classify IMAGES (files or folders, searched recursively) with a run's selected classifier.
 
     Writes one CSV row per image: path, predicted class, the probability of every class (two classes:
-    also the positive class's probability and the threshold). Unreadable files are listed and skipped;
-    the exit code is then 3.
+    also the positive class, its probability and the threshold, logged too). Unreadable files are listed and
+    skipped; the exit code is then 3.
     """
     from linear_probe.predict import EXIT_SKIPPED, predict_images, write_predictions
 

@@ -5,7 +5,13 @@ baseline grid's test columns and by baseline-train's per-epoch validation, so a 
 AUC mean the same thing in every table. Point values come from scikit-learn. Intervals are scipy's
 percentile bootstrap over the images (``scipy.stats.bootstrap``, seeded); for speed the statistic of
 a resample is computed from its confusion matrix and, for AUC, from ranks (``scipy.stats.rankdata``,
-the Mann-Whitney identity), both checked against scikit-learn in the tests.
+the Mann-Whitney identity), both checked against scikit-learn in the tests; AUPRC is scikit-learn's
+``average_precision_score`` on each resample.
+
+Two classes can be decided by a threshold on the positive class's probability (``threshold``,
+``positive``; :func:`decide`) instead of the arg-max: every threshold-dependent metric (accuracy,
+precision, recall, F1, the confusion matrix, sensitivity, specificity, balanced accuracy) is then of
+those decisions, while AUROC and AUPRC are threshold-free.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
     confusion_matrix,
     log_loss,
     precision_recall_fscore_support,
@@ -30,6 +38,9 @@ from supcon.errors import UserError
 
 #: Metrics that get an interval, in the order of :func:`resampled_metrics`' rows.
 INTERVAL_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
+#: Metrics of a decision about one positive class (two classes), in the order of
+#: :func:`resampled_operating_metrics`' rows; with more classes only ``balanced_accuracy`` is defined.
+OPERATING_METRICS = ("sensitivity", "specificity", "balanced_accuracy", "auprc")
 #: ``--bootstrap`` default: about a second on 359 images and 10 classes on one CPU core.
 DEFAULT_BOOTSTRAP = 1000
 CONFIDENCE = 0.95
@@ -45,8 +56,14 @@ class TestMetrics:
     """Metrics of one model on one labelled folder; ``per_class`` maps class name to its values.
 
     ``intervals`` maps each of :data:`INTERVAL_METRICS` to ``[low, high]`` (``None`` when undefined,
-    e.g. AUC when a resample lacks a class); empty without a bootstrap. ``roc_auc``: of the second
-    class for two classes, else one-vs-rest macro; ``None`` when a class is missing from the labels.
+    e.g. AUC when a resample lacks a class), and of the :data:`OPERATING_METRICS` that are defined;
+    empty without a bootstrap. ``roc_auc`` (AUROC): of the positive class for two classes, else
+    one-vs-rest macro; ``None`` when a class is missing from the labels.
+
+    Two classes: ``positive_class`` (the second unless chosen), ``threshold`` on its probability
+    (``None``: the arg-max decision), ``sensitivity`` and ``specificity`` (the recall of the positive
+    and of the other class) and ``auprc`` (scikit-learn's average precision of the positive class).
+    ``balanced_accuracy``: the mean recall over the classes present (scikit-learn's), for any number.
     """
 
     __test__ = False  # not a pytest class
@@ -62,6 +79,12 @@ class TestMetrics:
     per_class: dict[str, dict[str, float]]
     roc_auc: float | None = None
     log_loss: float | None = None
+    positive_class: str | None = None
+    threshold: float | None = None
+    sensitivity: float | None = None
+    specificity: float | None = None
+    balanced_accuracy: float | None = None
+    auprc: float | None = None
     intervals: dict[str, list[float] | None] = field(default_factory=dict)
     bootstrap: dict[str, Any] = field(default_factory=dict)
     roc_curve: dict[str, list[float]] | None = field(default=None, repr=False)
@@ -84,34 +107,47 @@ def wilson_interval(successes: int, total: int, confidence: float = CONFIDENCE) 
     return float(interval.low), float(interval.high)
 
 
+def decide(probabilities: np.ndarray, positive: int = 1, threshold: float | None = None) -> np.ndarray:
+    """Predicted class ids ``[N]``: the arg-max, or for two classes ``positive`` where its probability is at
+    least ``threshold`` (else the other class)."""
+    probabilities = np.asarray(probabilities)
+    if threshold is None:
+        return probabilities.argmax(axis=1)
+    return np.where(probabilities[:, positive] >= threshold, positive, 1 - positive)
+
+
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str] | None = None,
                            average: str = "macro", bootstrap: int = 0, seed: int = 0,
-                           confidence: float = CONFIDENCE) -> TestMetrics:
-    """Metrics of the arg-max predictions of ``probabilities`` ``[N, C]`` against ``labels`` ``[N]``.
+                           confidence: float = CONFIDENCE, positive: int = 1,
+                           threshold: float | None = None) -> TestMetrics:
+    """Metrics of the decisions on ``probabilities`` ``[N, C]`` against ``labels`` ``[N]``.
 
     Args:
         class_names: names of the ``C`` classes [default: ``"0"`` ... ``"C-1"``].
         average: scikit-learn's averaging of precision/recall/F1 over classes: ``macro`` (default),
-            ``micro``, ``weighted``, or ``binary`` (two classes; the positive class is the second).
-            Per-class values are always reported too.
+            ``micro``, ``weighted``, or ``binary`` (two classes; of the positive class). Per-class
+            values are always reported too.
         bootstrap: resamples of the images for the intervals (0: no intervals).
         seed: seed of the resampling (the same seed gives the same intervals).
         confidence: of the intervals.
+        positive: two classes: the index of the positive class (sensitivity, AUROC, AUPRC, ``binary``).
+        threshold: two classes: predict ``positive`` where its probability is at least this
+            [default: the arg-max decision].
 
     Raises:
-        UserError: ``binary`` with other than two classes.
+        UserError: ``binary`` or a threshold with other than two classes; ``positive`` not 0 or 1.
     """
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 rows drift from 1
     num_classes = probabilities.shape[1]
     class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    if average == "binary" and num_classes != 2:
-        raise UserError(f"--average binary needs two classes, the test folder has {num_classes}; use macro")
-    predictions = probabilities.argmax(axis=1)
+    _check_decision(num_classes, average, positive, threshold)
+    predictions = decide(probabilities, positive, threshold)
     label_ids = list(range(num_classes))
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predictions, labels=label_ids, average=average, pos_label=1, zero_division=0,
+        labels, predictions, labels=label_ids, average=average, pos_label=positive if average == "binary" else 1,
+        zero_division=0,
     )
     class_p, class_r, class_f, support = precision_recall_fscore_support(
         labels, predictions, labels=label_ids, average=None, zero_division=0,
@@ -121,33 +157,75 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
                "support": int(support[i])}
         for i, name in enumerate(class_names)
     }
-    roc_auc, curve = _roc_auc(labels, probabilities), None
+    roc_auc, curve = _roc_auc(labels, probabilities, positive), None
     if num_classes == 2 and roc_auc is not None:
-        fpr, tpr, _ = roc_curve(labels, probabilities[:, 1])
+        fpr, tpr, _ = roc_curve(labels == positive, probabilities[:, positive])
         curve = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     metrics = TestMetrics(
         accuracy=float(accuracy_score(labels, predictions)), precision=float(precision), recall=float(recall),
         f1=float(f1), average=average, num_samples=int(labels.shape[0]), class_names=class_names,
         confusion_matrix=confusion_matrix(labels, predictions, labels=label_ids).tolist(), per_class=per_class,
         roc_auc=roc_auc, log_loss=float(log_loss(labels, probabilities, labels=label_ids)) if len(labels) else None,
-        roc_curve=curve,
+        roc_curve=curve, threshold=None if threshold is None else float(threshold),
+        **operating_metrics(labels, probabilities, predictions, positive, class_names),
     )
     if bootstrap > 0 and len(labels) > 0:
-        bounds = bootstrap_intervals(
-            lambda index: resampled_metrics(labels, probabilities, index, average), len(labels), bootstrap, seed,
-            confidence, elements_per_resample=len(labels) * num_classes)
-        metrics.intervals = {name: bounds[i] for i, name in enumerate(INTERVAL_METRICS)}
-        metrics.bootstrap = {"resamples": int(bootstrap), "seed": int(seed), "confidence": confidence,
-                             "method": "percentile bootstrap over test images (scipy.stats.bootstrap)"}
+        _add_intervals(metrics, labels, probabilities, predictions, average, positive, bootstrap, seed, confidence)
     return metrics
 
 
-def _roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
+def _check_decision(num_classes: int, average: str, positive: int, threshold: float | None) -> None:
+    if average == "binary" and num_classes != 2:
+        raise UserError(f"--average binary needs two classes, the test folder has {num_classes}; use macro")
+    if threshold is not None and num_classes != 2:
+        raise UserError(f"a decision threshold needs two classes, the test folder has {num_classes}")
+    if positive not in (0, 1):
+        raise UserError(f"the positive class must be class 0 or 1, got {positive}")
+
+
+def operating_metrics(labels: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray, positive: int = 1,
+                      class_names: list[str] | None = None) -> dict[str, Any]:
+    """The :data:`OPERATING_METRICS` of ``predictions`` and ``positive_class`` (two classes; else only
+    ``balanced_accuracy``); a metric whose class is missing from the labels is ``None``."""
+    if not len(labels):
+        return {}
+    with warnings.catch_warnings():  # a class missing from the labels: the mean over the others, as documented
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(labels, predictions))
+    if probabilities.shape[1] != 2:
+        return {"balanced_accuracy": balanced}
+    is_positive = labels == positive
+    predicted_positive = predictions == positive
+    sensitivity = float(predicted_positive[is_positive].mean()) if is_positive.any() else None
+    specificity = float((~predicted_positive[~is_positive]).mean()) if (~is_positive).any() else None
+    auprc = float(average_precision_score(is_positive, probabilities[:, positive])) if is_positive.any() else None
+    name = class_names[positive] if class_names is not None else str(positive)
+    return {"positive_class": name, "sensitivity": sensitivity, "specificity": specificity,
+            "balanced_accuracy": balanced, "auprc": auprc}
+
+
+def _add_intervals(metrics: TestMetrics, labels: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray,
+                   average: str, positive: int, bootstrap: int, seed: int, confidence: float) -> None:
+    """Set ``metrics.intervals`` (one bootstrap: the same resamples for every metric) and ``metrics.bootstrap``."""
+    names = INTERVAL_METRICS + (OPERATING_METRICS if probabilities.shape[1] == 2 else ("balanced_accuracy",))
+
+    def statistic(index: np.ndarray) -> np.ndarray:
+        return np.concatenate([resampled_metrics(labels, probabilities, index, average, predictions, positive),
+                               resampled_operating_metrics(labels, probabilities, predictions, index, positive)])
+
+    bounds = bootstrap_intervals(statistic, len(labels), bootstrap, seed, confidence,
+                                 elements_per_resample=len(labels) * probabilities.shape[1])
+    metrics.intervals = {name: bounds[i] for i, name in enumerate(names)}
+    metrics.bootstrap = {"resamples": int(bootstrap), "seed": int(seed), "confidence": confidence,
+                         "method": "percentile bootstrap over test images (scipy.stats.bootstrap)"}
+
+
+def _roc_auc(labels: np.ndarray, probabilities: np.ndarray, positive: int = 1) -> float | None:
     num_classes = probabilities.shape[1]
     if len(np.unique(labels)) != num_classes:
         return None
     if num_classes == 2:
-        return float(roc_auc_score(labels, probabilities[:, 1]))
+        return float(roc_auc_score(labels == positive, probabilities[:, positive]))
     return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
                                labels=list(range(num_classes))))
 
@@ -185,7 +263,8 @@ def bootstrap_intervals(statistic, num_samples: int, resamples: int, seed: int, 
     return intervals
 
 
-def resampled_metrics(labels: np.ndarray, probabilities: np.ndarray, index: np.ndarray, average: str) -> np.ndarray:
+def resampled_metrics(labels: np.ndarray, probabilities: np.ndarray, index: np.ndarray, average: str,
+                      predictions: np.ndarray | None = None, positive: int = 1) -> np.ndarray:
     """:data:`INTERVAL_METRICS` of each resample ``index[b]`` of the images: ``[5, B]`` (scikit-learn's definitions).
 
     Args:
@@ -193,16 +272,43 @@ def resampled_metrics(labels: np.ndarray, probabilities: np.ndarray, index: np.n
         probabilities: ``[N, C]``.
         index: ``[B, N]`` image indices of ``B`` resamples (or ``[N]`` for one).
         average: as in :func:`classification_metrics`.
+        predictions: ``[N]`` class ids [default: the arg-max of ``probabilities``].
+        positive: two classes: the positive class (``binary`` average, AUC).
     """
     index = np.atleast_2d(np.asarray(index, dtype=np.int64))
     num_classes = probabilities.shape[1]
+    predictions = probabilities.argmax(axis=1) if predictions is None else np.asarray(predictions, dtype=np.int64)
     resampled_labels = labels[index]
-    resampled_predictions = probabilities.argmax(axis=1)[index]
-    counts = confusion_counts(resampled_labels, resampled_predictions, num_classes)
+    counts = confusion_counts(resampled_labels, predictions[index], num_classes)
     accuracy = np.trace(counts, axis1=1, axis2=2) / index.shape[1]
-    precision, recall, f1 = precision_recall_f1(counts, average)
-    auc = resampled_roc_auc(resampled_labels, probabilities[index])
+    precision, recall, f1 = precision_recall_f1(counts, average, positive)
+    auc = resampled_roc_auc(resampled_labels, probabilities[index], positive)
     return np.stack([accuracy, precision, recall, f1, auc])
+
+
+def resampled_operating_metrics(labels: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray,
+                                index: np.ndarray, positive: int = 1) -> np.ndarray:
+    """:data:`OPERATING_METRICS` of each resample ``index[b]``: ``[4, B]`` for two classes, else
+    ``balanced_accuracy`` alone ``[1, B]``; NaN where a class the metric needs is missing.
+
+    Sensitivity, specificity and balanced accuracy come from confusion counts (as
+    :func:`operating_metrics`); AUPRC is scikit-learn's ``average_precision_score`` of each resample.
+    """
+    index = np.atleast_2d(np.asarray(index, dtype=np.int64))
+    num_classes = probabilities.shape[1]
+    counts = confusion_counts(labels[index], np.asarray(predictions, dtype=np.int64)[index], num_classes)
+    actual = counts.sum(axis=2).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.diagonal(counts, axis1=1, axis2=2) / actual  # NaN for a class missing from the resample
+    balanced = np.nanmean(np.where(actual > 0, recall, np.nan), axis=1)
+    if num_classes != 2:
+        return balanced[None]
+    auprc = np.full(index.shape[0], np.nan)
+    for row, sample in enumerate(index):
+        is_positive = labels[sample] == positive
+        if is_positive.any():
+            auprc[row] = average_precision_score(is_positive, probabilities[sample, positive])
+    return np.stack([recall[:, positive], recall[:, 1 - positive], balanced, auprc])
 
 
 def confusion_counts(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -213,9 +319,10 @@ def confusion_counts(labels: np.ndarray, predictions: np.ndarray, num_classes: i
         rows, num_classes, num_classes)
 
 
-def precision_recall_f1(counts: np.ndarray, average: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_f1(counts: np.ndarray, average: str,
+                        positive: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and F1 ``[B]`` from confusion matrices ``[B, C, C]`` as scikit-learn defines them
-    (every class counted, ``zero_division=0``)."""
+    (every class counted, ``zero_division=0``; ``binary``: of class ``positive``)."""
     true_positives = np.diagonal(counts, axis1=1, axis2=2).astype(np.float64)
     predicted = counts.sum(axis=1).astype(np.float64)
     actual = counts.sum(axis=2).astype(np.float64)
@@ -225,25 +332,25 @@ def precision_recall_f1(counts: np.ndarray, average: str) -> tuple[np.ndarray, n
     recall = np.divide(true_positives, actual, out=np.zeros_like(actual), where=actual > 0)
     f1 = np.divide(2 * true_positives, predicted + actual, out=np.zeros_like(actual), where=predicted + actual > 0)
     if average == "binary":
-        return precision[:, 1], recall[:, 1], f1[:, 1]
+        return precision[:, positive], recall[:, positive], f1[:, positive]
     if average == "weighted":
         weights = actual / actual.sum(axis=1, keepdims=True)
         return (precision * weights).sum(1), (recall * weights).sum(1), (f1 * weights).sum(1)
     return precision.mean(1), recall.mean(1), f1.mean(1)
 
 
-def resampled_roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+def resampled_roc_auc(labels: np.ndarray, probabilities: np.ndarray, positive: int = 1) -> np.ndarray:
     """ROC AUC ``[B]`` of ``B`` resamples (labels ``[B, N]``, probabilities ``[B, N, C]``), as :func:`_roc_auc`.
 
     Uses AUC = (rank sum of the positives - n1 (n1 + 1) / 2) / (n1 n0) with tied scores given their mean
-    rank; NaN where a class is missing.
+    rank; NaN where a class is missing. Two classes: of class ``positive``.
     """
     num_classes = probabilities.shape[-1]
-    classes = [1] if num_classes == 2 else range(num_classes)
+    classes = [positive] if num_classes == 2 else range(num_classes)
     per_class = []
-    for positive in classes:
-        is_positive = labels == positive
-        ranks = stats.rankdata(probabilities[..., positive], axis=-1)
+    for one in classes:
+        is_positive = labels == one
+        ranks = stats.rankdata(probabilities[..., one], axis=-1)
         n1 = is_positive.sum(axis=-1).astype(np.float64)
         n0 = labels.shape[-1] - n1
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -62,9 +62,16 @@ def fake_baseline(monkeypatch):
                 "class_names": ["neg", "pos"], "network": "resnet18 (baseline, linear head)", "batch_size": 32,
                 "selected_epoch": 7, "val_accuracy": 0.9, "test_folder": "/data/test"}
 
+    def predict_val(run_dir, batch_size=256, num_workers=0, allow_split_names=False):
+        positive = np.array([0.2, 0.6, 0.3, 0.9])
+        return {"probabilities": np.stack([1 - positive, positive], axis=1), "labels": np.array([0, 0, 1, 1]),
+                "class_names": ["neg", "pos"], "network": "resnet18 (baseline, linear head)", "batch_size": 32,
+                "selected_epoch": 7, "val_accuracy": 0.9, "val_folder": "/data/val"}
+
     package = types.ModuleType("supcon.baseline")
     module = types.ModuleType("supcon.baseline.evaluate")
     module.predict_run = predict_run
+    module.predict_val = predict_val
     package.evaluate = module
     monkeypatch.setitem(sys.modules, "supcon.baseline", package)
     monkeypatch.setitem(sys.modules, "supcon.baseline.evaluate", module)

@@ -2,10 +2,22 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    precision_recall_fscore_support,
+    recall_score,
+    roc_auc_score,
+)
 
 from supcon.errors import UserError
-from supcon.metrics import bootstrap_intervals, classification_metrics, resampled_metrics, wilson_interval
+from supcon.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    resampled_metrics,
+    resampled_operating_metrics,
+    wilson_interval,
+)
 
 
 def one_hot_probabilities(predictions, num_classes):
@@ -171,3 +183,79 @@ def test_intervals_are_seeded_and_contain_the_value():
     for name, (low, high) in first.intervals.items():
         assert low <= getattr(first, name) <= high
     assert first.bootstrap["resamples"] == 300 and classification_metrics(labels, probabilities).intervals == {}
+
+
+# --- two classes decided by a threshold on one positive class --------------------------------------------------
+
+# positive probabilities and labels of 8 images; at threshold 0.3 on class 1:
+#   label:     0    0    0    0    0    1    1    1
+#   P(pos):  0.1  0.2  0.35 0.4  0.05 0.25 0.6  0.9
+#   decided:   0    0    1    1    0    0    1    1   -> TP 2, FN 1, FP 2, TN 3
+BINARY_LABELS = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+BINARY_POSITIVE = np.array([0.1, 0.2, 0.35, 0.4, 0.05, 0.25, 0.6, 0.9])
+
+
+def binary_probabilities():
+    return np.stack([1 - BINARY_POSITIVE, BINARY_POSITIVE], axis=1)
+
+
+def test_a_threshold_decides_every_threshold_dependent_metric():
+    m = classification_metrics(BINARY_LABELS, binary_probabilities(), ["neg", "pos"], "binary", threshold=0.3)
+    assert m.confusion_matrix == [[3, 2], [1, 2]] and m.threshold == 0.3 and m.positive_class == "pos"
+    assert m.accuracy == pytest.approx(5 / 8)
+    assert (m.precision, m.recall, m.f1) == pytest.approx((2 / 4, 2 / 3, 4 / 7))
+    assert (m.sensitivity, m.specificity) == pytest.approx((2 / 3, 3 / 5))
+    assert m.balanced_accuracy == pytest.approx((2 / 3 + 3 / 5) / 2)
+    # threshold-free: the same as scikit-learn's, whatever the threshold
+    assert m.roc_auc == pytest.approx(roc_auc_score(BINARY_LABELS, BINARY_POSITIVE))
+    assert m.auprc == pytest.approx(average_precision_score(BINARY_LABELS, BINARY_POSITIVE))
+    argmax = classification_metrics(BINARY_LABELS, binary_probabilities(), ["neg", "pos"], "binary")
+    assert argmax.threshold is None and argmax.confusion_matrix == [[5, 0], [1, 2]]
+    assert (argmax.sensitivity, argmax.specificity) == pytest.approx((2 / 3, 1.0))
+    assert (argmax.roc_auc, argmax.auprc) == pytest.approx((m.roc_auc, m.auprc))
+
+
+def test_the_first_class_as_positive_swaps_sensitivity_and_specificity():
+    m = classification_metrics(BINARY_LABELS, binary_probabilities(), ["neg", "pos"], "binary", positive=0,
+                               threshold=0.7)
+    # P(neg) = 1 - P(pos) >= 0.7 where P(pos) <= 0.3: images 0, 1, 4, 5 are called neg
+    assert m.confusion_matrix == [[3, 2], [1, 2]] and m.positive_class == "neg"
+    assert (m.sensitivity, m.specificity) == pytest.approx((3 / 5, 2 / 3))
+    assert (m.precision, m.recall) == pytest.approx((3 / 4, 3 / 5))  # binary average: of the positive class
+    assert m.roc_auc == pytest.approx(roc_auc_score(BINARY_LABELS == 0, 1 - BINARY_POSITIVE))
+    assert m.auprc == pytest.approx(average_precision_score(BINARY_LABELS == 0, 1 - BINARY_POSITIVE))
+
+
+def test_more_classes_get_balanced_accuracy_only_and_refuse_a_threshold():
+    m = classification_metrics(LABELS, one_hot_probabilities(PREDICTIONS, 3), NAMES, bootstrap=200)
+    assert m.balanced_accuracy == pytest.approx((2 / 4 + 2 / 3 + 2 / 3) / 3)  # the mean recall
+    assert m.sensitivity is m.specificity is m.auprc is m.positive_class is None
+    assert set(m.intervals) == {"accuracy", "precision", "recall", "f1", "roc_auc", "balanced_accuracy"}
+    with pytest.raises(UserError, match="a decision threshold needs two classes"):
+        classification_metrics(LABELS, one_hot_probabilities(PREDICTIONS, 3), NAMES, threshold=0.5)
+
+
+@pytest.mark.parametrize("positive", [0, 1])
+def test_resampled_operating_metrics_equal_scikit_learn_on_every_resample(positive):
+    rng = np.random.default_rng(positive)
+    labels = (rng.random(80) < 0.25).astype(int)  # imbalanced
+    score = np.round(np.clip(0.3 * labels + rng.random(80) * 0.7, 0, 1), 1)  # tied scores
+    probabilities = np.stack([1 - score, score], axis=1)
+    predictions = np.where(probabilities[:, positive] >= 0.45, positive, 1 - positive)
+    index = rng.integers(0, 80, (8, 80))
+    fast = resampled_operating_metrics(labels, probabilities, predictions, index, positive)
+    for b in range(8):
+        y, p, decided = labels[index[b]], probabilities[index[b]], predictions[index[b]]
+        recall = recall_score(y, decided, labels=[0, 1], average=None, zero_division=0)
+        expected = [recall[positive], recall[1 - positive], balanced_accuracy_score(y, decided),
+                    average_precision_score(y == positive, p[:, positive])]
+        assert fast[:, b] == pytest.approx(expected)
+
+
+def test_every_new_metric_gets_an_interval_around_its_value():
+    labels = np.tile(BINARY_LABELS, 6)
+    probabilities = np.tile(binary_probabilities(), (6, 1))
+    m = classification_metrics(labels, probabilities, ["neg", "pos"], bootstrap=300, seed=1, threshold=0.3)
+    for name in ("sensitivity", "specificity", "balanced_accuracy", "auprc", "roc_auc"):
+        low, high = m.intervals[name]
+        assert low <= getattr(m, name) <= high and low < high
