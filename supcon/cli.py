@@ -11,7 +11,7 @@ from supcon.cli_utils import (
     setup_logging,
     show_progress,
 )
-from supcon.config import TrainConfig
+from supcon.config import SAMPLERS, TrainConfig
 
 D = TrainConfig()
 
@@ -51,6 +51,10 @@ D = TrainConfig()
 @click.option("--std", type=str, help='Normalisation std "r,g,b" [default: computed from the data folder].')
 @click.option("--batch-size", "--batch_size", "batch_size", type=int, default=D.batch_size, show_default=True,
               help="Images per process per step (each gives 2 views).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=D.sampler, show_default=True,
+              help="random: batches drawn at the classes' frequencies; balanced: every class an equal share of each "
+                   "global batch, the small classes dealt again (with other crops) when they run out; the same "
+                   "steps per epoch (see docs/commands/supcon-train.md).")
 @click.option("--chunk-size", "chunk_size", type=int,
               help="Images per forward pass (exact gradient caching): the loss still sees the whole --batch-size, "
                    "BatchNorm sees chunk statistics (see docs/guides/large-contrastive-batches.md) "

@@ -19,6 +19,8 @@ import yaml
 from supcon.errors import UserError
 from supcon.launch import DEFAULT_DIST_TIMEOUT
 
+#: ``--sampler`` choices (:mod:`supcon.sampling`): batches at the classes' frequencies, or an equal share per class.
+SAMPLERS = ("random", "balanced")
 #: Options that may differ between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset(
     {"num_workers", "resume", "run_dir", "config", "skip_bad_images", "allow_split_class_names", "stop_on_collapse",
@@ -114,6 +116,7 @@ class TrainConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     batch_size: int = 32
+    sampler: str = "random"
     chunk_size: int | None = None
     memory_size: int = 0
     memory_warmup: int = 0
@@ -172,6 +175,8 @@ class TrainConfig:
             raise UserError(f"--method must be 'supcon' or 'simclr', got {self.method!r}")
         if self.batch_size < 2:
             raise UserError(f"--batch-size must be at least 2 (contrastive loss needs pairs), got {self.batch_size}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise UserError(f"--chunk-size must be at least 1 (images per forward pass), got {self.chunk_size}")
         if self.chunk_size is not None and self.chunk_size > self.batch_size:

@@ -295,13 +295,20 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> tr
     ])
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that depends on all three numbers (no collisions between neighbours)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint64)[0] >> 1)
+def sample_seed(seed: int, epoch: int, index: int, draw: int = 0) -> int:
+    """A 63-bit seed that depends on all the numbers (no collisions between neighbours).
+
+    ``draw``: which time the image is drawn in the epoch, counted from 0; a sampler that repeats images
+    (:class:`supcon.sampling.BalancedBatchSampler`) gives each repeat other crops. Draw 0 is the seed of
+    ``(seed, epoch, index)`` alone.
+    """
+    entropy = [seed, epoch, index] if draw == 0 else [seed, epoch, index, draw]
+    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 class MultiViewDataset(Dataset):
-    """Returns ``(views [n_views, C, H, W], label)`` for an ``(index, epoch)`` key from the sampler."""
+    """Returns ``(views [n_views, C, H, W], label)`` for an ``(index, epoch)`` or ``(index, epoch, draw)`` key
+    from the sampler (``draw``: see :func:`sample_seed`)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform, n_views: int = 2, seed: int = 0):
         self.samples = list(samples)
@@ -313,12 +320,12 @@ class MultiViewDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, draw = (*key, 0)[:3] if isinstance(key, tuple) else (key, 0, 0)
         path, label = self.samples[index]
         image = load_rgb(path)
         # torchvision's transforms draw from the global torch RNG; seeding it per sample makes the
-        # crops a function of (seed, epoch, index) whatever process or worker decodes the image.
-        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        # crops a function of (seed, epoch, index, draw) whatever process or worker decodes the image.
+        torch.manual_seed(sample_seed(self.seed, epoch, index, draw))
         views = torch.stack([self.transform(image) for _ in range(self.n_views)])
         return views, label
 
@@ -344,6 +351,8 @@ class EpochBatchSampler(Sampler):
     Each global batch of ``batch_size * world_size`` images is cut into one contiguous slice per
     process, so the processes together see exactly the single-process batch. The last partial
     global batch is dropped (contrastive batches must be full). Yields lists of ``(index, epoch)``.
+    A subclass chooses other global batches by overriding :meth:`global_batches`
+    (:class:`supcon.sampling.BalancedBatchSampler`); the slicing stays this one.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -367,13 +376,18 @@ class EpochBatchSampler(Sampler):
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+        first = self.rank * self.batch_size
+        for batch in self.global_batches():
+            yield batch[first:first + self.batch_size]
+
+    def global_batches(self) -> Iterator[list[tuple[int, ...]]]:
+        """The epoch's global batches of keys, from ``start_batch`` on: slices of one seeded permutation."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
-        full = self.num_samples // self.global_batch
-        for b in range(self.start_batch, full):
-            start = b * self.global_batch + self.rank * self.batch_size
-            yield [(i, self.epoch) for i in order[start:start + self.batch_size]]
+        size = self.global_batch
+        for b in range(self.start_batch, self.num_samples // size):
+            yield [(i, self.epoch) for i in order[b * size:(b + 1) * size]]
 
 
 def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool, persistent: bool = True,

@@ -224,8 +224,8 @@ class RunDirSession(RunProcesses):
             ignore = ignore | {"batch_size"}
         diffs = config_differences(recorded.options, requested, ignore=ignore, defaults=defaults)
         if diffs:
-            details = ", ".join(f"{k}: run has {recorded.options.get(k)!r}, now {requested.get(k)!r}"
-                                for k in diffs[:4])
+            trained = {**(defaults or {}), **recorded.options}  # an option the run predates trained as its default
+            details = ", ".join(f"{k}: run has {trained.get(k)!r}, now {requested.get(k)!r}" for k in diffs[:4])
             raise UserError(f"run dir {self.run_dir} was started with a different configuration ({details})")
         # Another global batch changes the LR, the steps per epoch and what a mid-epoch position means
         # (per_process_batch keeps it across another number of processes).

@@ -38,6 +38,7 @@ from supcon.rundir import (
     image_listing,
     load_supcon_checkpoint,
 )
+from supcon.sampling import check_balanced_classes
 from supcon.schedule import AUTO_WARM_ABOVE_BATCH, LRSchedule
 from supcon.stopping import StopDecision, still_rising
 from supcon.trainer import METRIC_FIELDS, TENSORBOARD_TAGS, SupConTrainer
@@ -167,15 +168,18 @@ def _finished_message(run_dir: Path, state: dict[str, Any], config: TrainConfig)
             f"probe-all --run {run_dir}; to train longer, {how}")
 
 
-def _check_folders(config: TrainConfig, engine: RunEngine,
-                   progress: bool) -> tuple[ImageFolderIndex, ImageFolderIndex | None, int, Any]:
-    """Scan the data and val folders and decode every training image once (main process).
+def _check_folders(config: TrainConfig, engine: RunEngine, progress: bool,
+                   global_batch: int) -> tuple[ImageFolderIndex, ImageFolderIndex | None, int, Any]:
+    """Scan the data and val folders and decode every training image once (main process); with ``--sampler
+    balanced``, check the classes before the decoding and again without the unreadable images.
 
     Returns:
         ``(index without bad images, val index, number of bad images, FolderCheck)``.
     """
     allow = config.allow_split_class_names
     index = scan_image_folder(config.data_folder, "data folder", allow_split_names=allow)
+    if config.sampler == "balanced":
+        check_balanced_classes(index.classes, index.targets, global_batch)
     val_index = (scan_image_folder(config.val_folder, "val folder", allow_split_names=allow)
                  if config.val_folder else None)
     if val_index is not None and val_index.classes != index.classes:
@@ -188,7 +192,12 @@ def _check_folders(config: TrainConfig, engine: RunEngine,
         check = check_images([p for p, _ in index.samples], need_stats, config.num_workers, progress, desc)
     check = engine.broadcast(check)
     report_bad_images(check.bad, config.skip_bad_images, engine.run_dir / BAD_IMAGES_FILE, write_list=engine.is_main)
-    return index.without([p for p, _ in check.bad]), val_index, len(check.bad), check
+    index = index.without([p for p, _ in check.bad])
+    if config.sampler == "balanced":
+        repeats = check_balanced_classes(index.classes, index.targets, global_batch)
+        if repeats and engine.is_main:
+            logger.warning("%s", repeats)
+    return index, val_index, len(check.bad), check
 
 
 def _log_resolution(config: TrainConfig, facts: dict[str, Any]) -> None:
@@ -274,7 +283,7 @@ def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResul
         logger.info("%s", finished)
         return TrainResult(run_dir=run_dir, epochs_done=int(resume_state["epoch"]))
 
-    index, val_index, bad_images, check = _check_folders(config, engine, progress)
+    index, val_index, bad_images, check = _check_folders(config, engine, progress, facts["global_batch"])
     if config.mean is None:
         config = replace(config, mean=check.mean, std=check.std)
         logger.info("mean %s, std %s computed from %d images", config.mean, config.std, len(index.samples))

@@ -18,7 +18,6 @@ from accelerate.utils import set_seed
 from supcon.checkpoint import rng_state, set_rng_state
 from supcon.config import TrainConfig, to_yaml_dict
 from supcon.data import (
-    EpochBatchSampler,
     EvalDataset,
     ImageFolderIndex,
     MultiViewDataset,
@@ -35,6 +34,7 @@ from supcon.memory import ProjectionMemory
 from supcon.models import build_model, model_config_from
 from supcon.optim import build_optimizer, implementation_of, keep_implementation
 from supcon.rundir import LAST, SUPCON_KIND, epoch_checkpoint_name, make_run_info, supcon_checkpoint
+from supcon.sampling import make_batch_sampler
 from supcon.schedule import LRSchedule
 from supcon.stopping import PlateauRule, StopDecision
 
@@ -155,8 +155,8 @@ class SupConTrainer:
             dataset = MultiViewDataset(self.index.samples, two_view_augmentation(
                 config.size, config.mean, config.std, crop_min=config.crop_min, flip=config.flip), N_VIEWS,
                 seed=config.seed)
-        self.sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, accelerator.process_index,
-                                         self.engine.world)
+        self.sampler = make_batch_sampler(config.sampler, self.index.targets, config.batch_size, config.seed,
+                                          accelerator.process_index, self.engine.world)
         self.loader = make_loader(dataset, config.num_workers, pin, batch_sampler=self.sampler)
         if config.knn_every == 0 and not config.probe_every:
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,27 @@ def test_refuses_to_start_over_a_run_without_resume(cli_run, solo_root):
     assert snapshot(run_dir) == before
 
 
+def test_a_run_recorded_before_sampler_and_class_weights_resumes_with_their_defaults(cli_run, solo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run[0], run_dir)
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (recorded["sampler"], recorded["class_weights"]) == ("random", "none")
+    assert recorded["run_info"]["class_weights"] is None
+    del recorded["sampler"], recorded["class_weights"]  # as an older version wrote it
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    args = ["--data-folder", solo_root / "train", "--run-dir", run_dir, "--resume", *TINY_ARGS, "--epochs", "2",
+            "--head", "mlp-dropout", "--optimizer", "sgd", "--learning-rate", "0.05", "--scheduler", "step",
+            "--lr-step-epochs", "1", "--lr-gamma", "0.5"]
+    before = snapshot(run_dir)
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    assert "is finished" in result.output and "different configuration" not in result.output
+    for option, value, fragment in (("--sampler", "balanced", "sampler: run has 'random', now 'balanced'"),
+                                    ("--class-weights", "balanced", "class_weights: run has 'none', now 'balanced'")):
+        assert_one_line_error(invoke([*args, option, value]), "different configuration", fragment)
+    assert snapshot(run_dir) == before
+
+
 def test_refuses_to_resume_with_a_different_configuration(cli_run, solo_root):
     run_dir, _ = cli_run
     before = snapshot(run_dir)
@@ -216,6 +238,16 @@ def test_single_image_class_cannot_be_split(workdir):
     fails_cleanly(workdir, ["--data-folder", workdir / "data"], "'fox' has a single image", "--val-folder")
 
 
+def test_balanced_sampler_refuses_a_class_of_one_training_image_naming_it(workdir, image_root):
+    write_image_folder(workdir / "data", 6)
+    for extra in sorted((workdir / "data" / "fox").iterdir())[1:]:
+        extra.unlink()
+    before = snapshot(workdir)
+    fails_cleanly(workdir, ["--data-folder", workdir / "data", "--val-folder", image_root / "val", "--sampler",
+                            "balanced"], "class 'fox' of the training part has 1 image", "use --sampler random")
+    assert snapshot(workdir) == before
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--mean", "0.5,0.5"], ["--mean must have exactly 3 values"]),
     (["--std", "0.2,0,0.2"], ["--std values must be positive"]),
@@ -237,6 +269,11 @@ def test_single_image_class_cannot_be_split(workdir):
     (["--pretrained-file", "missing.pth"], ["--pretrained-file not found: missing.pth"]),
     (["--pretrained", "--pretrained-file", "w.pth"], ["not both"]),
     (["--test-folder", "nowhere"], ["test folder not found"]),
+    (["--sampler", "per-class:4"], ["Invalid value for '--sampler': 'per-class:4' is not one of"]),
+    (["--class-weights", "inverse"], ["Invalid value for '--class-weights': 'inverse' is not one of"]),
+    (["--model", "svm", "--class-weights", "balanced"], ["--class-weights balanced applies to the networks",
+                                                         "--model svm is a classical classifier"]),
+    (["--model", "knn", "--sampler", "balanced"], ["--sampler balanced applies to the networks"]),
 ])
 def test_bad_options(workdir, image_root, args, fragments):
     fails_cleanly(workdir, ["--data-folder", image_root / "train", *args], *fragments)
@@ -246,6 +283,8 @@ def test_bad_options(workdir, image_root, args, fragments):
     ("learning_rate: [0.1\n", "is not valid YAML"),
     ("lerning_rate: 0.1\n", "unknown option 'lerning_rate'"),
     ("- 1\n- 2\n", "must hold a mapping"),
+    ("sampler: per-class:4\n", "--sampler must be one of random, balanced, got 'per-class:4'"),
+    ("class_weights: inverse\n", "--class-weights must be one of none, balanced, got 'inverse'"),
 ])
 def test_bad_config_file(workdir, image_root, content, fragment):
     (workdir / "bad.yaml").write_text(content)

@@ -97,6 +97,39 @@ def test_auxiliary_losses_are_weighted_0_3_in_training_and_ignored_in_eval():
     assert loss_fn(out, labels).item() == pytest.approx(nn.functional.cross_entropy(out["logits"], labels).item())
 
 
+def test_balanced_class_weights_are_scikit_learns():
+    import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from supcon.baseline.losses import class_weights_for
+
+    labels = [0] * 6 + [1] * 2 + [2] * 12  # 20 images: 20 / (3 x count)
+    weights = class_weights_for("balanced", labels, ["a", "b", "c"])
+    assert weights == pytest.approx([20 / 18, 20 / 6, 20 / 36])
+    assert weights == pytest.approx(compute_class_weight("balanced", classes=np.arange(3), y=np.array(labels)))
+    assert class_weights_for("none", labels, ["a", "b", "c"]) is None
+    with pytest.raises(UserError, match="class 'd' has no training images left"):
+        class_weights_for("balanced", labels, ["a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize("kind", ["ce", "bce"])
+def test_class_weights_weight_the_training_loss_and_leave_validation_unweighted(kind):
+    labels = torch.tensor([0] * 6 + [1] * 2)
+    weights = [8 / 12, 8 / 4]
+    logits = torch.randn(8, 2 if kind == "ce" else 1, generator=torch.Generator().manual_seed(0))
+    if kind == "ce":
+        per_image = nn.functional.cross_entropy(logits, labels, reduction="none")
+    else:
+        per_image = nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.float(), reduction="none")
+    per_image_weight = torch.tensor(weights)[labels]
+    weighted = ClassifierLoss(kind, class_weights=weights)
+    expected = (per_image * per_image_weight).sum() / per_image_weight.sum()  # the weighted mean
+    assert weighted({"logits": logits}, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() != pytest.approx(per_image.mean().item(), rel=1e-3)
+    assert weighted.single(logits, labels).item() == pytest.approx(per_image.mean().item(), rel=1e-6)
+    assert ClassifierLoss(kind)({"logits": logits}, labels).item() == pytest.approx(per_image.mean().item(), rel=1e-6)
+
+
 def test_torchvision_googlenet_keeps_two_auxiliary_classifiers_for_our_classes():
     net = model("googlenet", 4)
     net.train()

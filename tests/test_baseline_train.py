@@ -8,6 +8,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from accelerate.utils import set_seed
@@ -115,6 +116,40 @@ def test_ctrl_c_then_resume_gives_the_weights_of_an_uninterrupted_run(image_root
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), key
     assert [r["train_loss"] for r in read_rows(run_dir)] == [r["train_loss"] for r in read_rows(tmp_path / "straight")]
+
+
+# --- imbalanced classes: --class-weights, --sampler -------------------------------------------------------------
+
+
+def test_class_weights_and_the_balanced_sampler_change_the_first_epoch_and_are_recorded(tmp_path):
+    import yaml
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from tests.conftest import CLASS_COLOURS, write_image_folder
+
+    data = tmp_path / "data"  # 1:5, with a val folder: 30 cats and 6 dogs to train on
+    write_image_folder(data / "train", 30, classes={"cat": CLASS_COLOURS["cat"]}, seed=7)
+    write_image_folder(data / "train", 6, classes={"dog": CLASS_COLOURS["dog"]}, seed=8)
+    write_image_folder(data / "val", 3, classes={name: CLASS_COLOURS[name] for name in ("cat", "dog")}, seed=9)
+    runs = {}
+    for name, options in (("plain", {}), ("weighted", {"class_weights": "balanced"}),
+                          ("balanced", {"sampler": "balanced"})):
+        result = train(tiny_config(data / "train", tmp_path / name, epochs=1, **options), progress=False)
+        assert result.epochs_done == 1
+        runs[name] = (float(read_rows(tmp_path / name)[0]["train_loss"]),
+                      yaml.safe_load((tmp_path / name / "config.yaml").read_text()))
+    plain_loss, plain_config = runs["plain"]
+    weighted_loss, weighted_config = runs["weighted"]
+    balanced_loss, balanced_config = runs["balanced"]
+    assert (plain_config["sampler"], plain_config["class_weights"]) == ("random", "none")
+    assert plain_config["run_info"]["class_weights"] is None
+    assert weighted_config["class_weights"] == "balanced"
+    expected = compute_class_weight("balanced", classes=np.arange(2), y=np.array([0] * 30 + [1] * 6))
+    assert weighted_config["run_info"]["class_weights"] == pytest.approx([36 / 60, 36 / 12])
+    assert weighted_config["run_info"]["class_weights"] == pytest.approx(expected.tolist())
+    assert weighted_loss != pytest.approx(plain_loss, rel=1e-4)
+    assert balanced_config["sampler"] == "balanced" and balanced_config["run_info"]["steps_per_epoch"] == 36 // 12
+    assert balanced_loss != pytest.approx(plain_loss, rel=1e-4)
 
 
 # --- freezing end to end ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from supcon.cli import train_command
 from supcon.losses import SupConLoss
-from tests.conftest import write_image_folder
+from tests.conftest import CLASS_COLOURS, write_image_folder
 
 STEPS_PER_EPOCH = 4  # 18 images // batch 4
 ARGS = ["--model", "test_resnet", "--small-input", "--size", "16", "--batch-size", "4", "--num-workers", "0",
@@ -262,7 +262,7 @@ def test_kill_9_of_the_plain_command_after_epoch_2(data, straight, tmp_path):
 
 #: Options added after the first runs were recorded (a run dir from then has none of them in config.yaml).
 NEWER_OPTIONS = ("allow_split_class_names", "allow_data_change", "keep_last", "chunk_size", "memory_size",
-                 "memory_warmup")
+                 "memory_warmup", "sampler")
 
 
 def test_a_run_recorded_before_newer_options_resumes_identically(data, straight, tmp_path, monkeypatch):
@@ -284,3 +284,46 @@ def test_a_run_recorded_before_newer_options_resumes_identically(data, straight,
     # asking for something else than what the old run trained with is still refused
     result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume", "--memory-size", "64"])
     assert result.exit_code != 0 and "memory_size" in result.output
+    result = invoke(["--data-folder", data, "--run-dir", run_dir, *ARGS, "--resume", "--sampler", "balanced"])
+    assert result.exit_code != 0 and "sampler: run has 'random', now 'balanced'" in result.output
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory) -> Path:
+    """12 cats, 3 dogs, 3 foxes: a balanced batch of 4 holds 1-2 of each, so dogs and foxes repeat every epoch."""
+    root = tmp_path_factory.mktemp("imbalanced") / "train"
+    write_image_folder(root, 12, classes={"cat": CLASS_COLOURS["cat"]}, size=20, seed=5)
+    write_image_folder(root, 3, classes={name: CLASS_COLOURS[name] for name in ("dog", "fox")}, size=20, seed=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight_balanced(imbalanced, tmp_path_factory) -> Path:
+    """4 epochs with --sampler balanced, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("straight_balanced") / "run"
+    result = invoke(["--data-folder", imbalanced, "--run-dir", run_dir, *ARGS, "--sampler", "balanced"])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def test_balanced_sampler_ctrl_c_mid_epoch_then_resume(imbalanced, straight_balanced, tmp_path, monkeypatch):
+    """As test_ctrl_c_mid_epoch_in_process_then_resume, with the balanced sampler: its repeats resume too."""
+    import yaml
+
+    args = ["--data-folder", imbalanced, "--run-dir", tmp_path / "run", *ARGS, "--sampler", "balanced"]
+    ctrl_c_at_loss_call(monkeypatch, 2 * STEPS_PER_EPOCH + 3)
+    result = invoke(args)
+    assert result.exit_code == 130, result.output
+    assert "interrupted in epoch 3 at step 3/4" in result.output
+    monkeypatch.undo()
+
+    result = invoke([*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert f"resuming {tmp_path / 'run'} in epoch 3 at step 3/4" in result.output
+    assert_identical_training_state(tmp_path / "run", straight_balanced)
+    assert_same_metrics(tmp_path / "run", straight_balanced)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["sampler"] == "balanced"
+    # the same steps per epoch as the random sampler: 18 images // 4
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["run_info"]["steps_per_epoch"] == 4
+    refused = invoke([*args, "--resume", "--sampler", "random"])
+    assert refused.exit_code == 2 and "sampler: run has 'balanced', now 'random'" in refused.output

@@ -513,6 +513,34 @@ def test_bad_config_file(workdir, content, fragment):
     assert_nothing_written(workdir, data, config_file)
 
 
+def test_balanced_sampler_refuses_a_class_of_one_image_naming_it(workdir):
+    data = folder(workdir)
+    for extra in sorted((data / "fox").iterdir())[1:]:
+        extra.unlink()
+    before = snapshot(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--sampler", "balanced"]),
+                          "--sampler balanced needs at least 2 images in every class",
+                          "class 'fox' of the data folder has 1 image", "use --sampler random")
+    assert snapshot(workdir) == before
+    assert_nothing_written(workdir, data)
+
+
+@pytest.mark.parametrize("where", ["command line", "config file"])
+def test_an_unknown_sampler_is_refused(workdir, where):
+    data = folder(workdir)
+    inputs = [data]
+    if where == "command line":
+        args, fragment = ["--sampler", "per-class:4"], "Invalid value for '--sampler': 'per-class:4' is not one of"
+    else:
+        inputs.append(workdir / "recipe.yaml")
+        inputs[-1].write_text("sampler: per-class:4\n")
+        args, fragment = ["--config", inputs[-1]], "--sampler must be one of random, balanced, got 'per-class:4'"
+    before = snapshot(workdir)
+    assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, *args]), fragment)
+    assert snapshot(workdir) == before
+    assert_nothing_written(workdir, *inputs)
+
+
 def test_missing_config_file(workdir):
     data = folder(workdir)
     assert_one_line_error(invoke(["--data-folder", data, *SMALL_ARGS, "--config", workdir / "none.yaml"]),

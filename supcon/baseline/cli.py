@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import click
 
-from supcon.baseline.config import AUGMENTATIONS, CLASSICAL_MODELS, HEADS, LOSSES, MONITORS, SCHEDULERS, BaselineConfig
+from supcon.baseline.config import (
+    AUGMENTATIONS,
+    CLASS_WEIGHTS,
+    CLASSICAL_MODELS,
+    HEADS,
+    LOSSES,
+    MONITORS,
+    SCHEDULERS,
+    BaselineConfig,
+)
 from supcon.cli_utils import (
     OneLineErrorCommand,
     image_check_options,
@@ -12,6 +21,7 @@ from supcon.cli_utils import (
     setup_logging,
     show_progress,
 )
+from supcon.config import SAMPLERS
 
 D = BaselineConfig()
 
@@ -52,6 +62,9 @@ D = BaselineConfig()
                    "statistics still update.")
 @click.option("--loss", type=click.Choice(LOSSES), default=D.loss, show_default=True,
               help="ce: cross-entropy; bce: one logit with binary cross-entropy (2 classes).")
+@click.option("--class-weights", type=click.Choice(CLASS_WEIGHTS), default=D.class_weights, show_default=True,
+              help="Weights of the classes in the training loss: none, or balanced (n_images / (n_classes x "
+                   "n_images_of_the_class), scikit-learn's); the validation loss stays unweighted.")
 @click.option("--aux-weight", type=float, default=D.aux_weight, show_default=True,
               help="Weight of each auxiliary classifier's loss (googlenet, inception_net).")
 @click.option("--optimizer", type=str, default=D.optimizer, show_default=True,
@@ -83,6 +96,10 @@ D = BaselineConfig()
 @click.option("--mean", type=str, help='Normalisation mean "r,g,b" [default: computed from the training images].')
 @click.option("--std", type=str, help='Normalisation std "r,g,b" [default: computed from the training images].')
 @click.option("--batch-size", "--batch_size", "batch_size", type=int, default=D.batch_size, show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=D.sampler, show_default=True,
+              help="random: batches drawn at the classes' frequencies; balanced: every class an equal share of each "
+                   "global batch, the small classes dealt again (with other crops) when they run out; the same "
+                   "steps per epoch.")
 @click.option("--num-workers", "--num_workers", "num_workers", type=int, default=D.num_workers, show_default=True,
               help="Data-loading processes.")
 @click.option("--seed", type=int, default=D.seed, show_default=True)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from supcon.config import check_bounds, parse_triplet, require_data_folder
+from supcon.config import SAMPLERS, check_bounds, parse_triplet, require_data_folder
 from supcon.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -24,6 +24,8 @@ LOSSES = ("ce", "bce")
 HEADS = ("linear", "mlp", "mlp-dropout")
 AUGMENTATIONS = ("none", "flip", "standard", "supcon")
 MONITORS = ("val_loss", "val_accuracy")
+#: ``--class-weights``: none, or scikit-learn's ``balanced`` (n_images / (n_classes * n_images_of_the_class)).
+CLASS_WEIGHTS = ("none", "balanced")
 #: scikit-learn classifiers on pixels or frozen features (see :mod:`supcon.baseline.classical`).
 CLASSICAL_MODELS = ("svm", "logreg", "knn")
 #: Options that may change between a run and its resumption (they do not change the result).
@@ -50,6 +52,7 @@ class BaselineConfig:
     head_hidden: int | None = None
     freeze: int = 0
     loss: str = "ce"
+    class_weights: str = "none"
     aux_weight: float = 0.3
     optimizer: Any = "adam"
     learning_rate: Any = 1e-3
@@ -68,6 +71,7 @@ class BaselineConfig:
     mean: Any = None
     std: Any = None
     batch_size: int = 32
+    sampler: str = "random"
     num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     seed: int = 0
     seeds: Any = None
@@ -89,12 +93,15 @@ class BaselineConfig:
         self.learning_rate = _single(self.learning_rate, "learning-rate", float)
         self.momentum = _single(self.momentum, "momentum", float)
         for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("loss", LOSSES),
-                              ("augment", AUGMENTATIONS), ("monitor", MONITORS)):
+                              ("augment", AUGMENTATIONS), ("monitor", MONITORS), ("sampler", SAMPLERS),
+                              ("class_weights", CLASS_WEIGHTS)):
             if getattr(self, name) not in choices:
-                raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got "
+                                f"{getattr(self, name)!r}")
         if self.features != "pixels" and self.model not in CLASSICAL_MODELS:
             raise UserError(f"--features applies to the classical models ({', '.join(CLASSICAL_MODELS)}); "
                             f"--model {self.model} learns its own features")
+        self._refuse_network_options_for_classical()
         if self.head is not None and self.head not in HEADS:
             raise UserError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.pretrained and self.pretrained_file:
@@ -127,6 +134,16 @@ class BaselineConfig:
         self.std = parse_triplet(self.std, "std")
         if (self.mean is None) != (self.std is None):
             raise UserError("give both --mean and --std, or neither (they are then computed from the data folder)")
+
+    def _refuse_network_options_for_classical(self) -> None:
+        """``--sampler`` and ``--class-weights`` shape a network's batches and loss; a classical model has neither."""
+        if self.model not in CLASSICAL_MODELS:
+            return
+        for name, default in (("sampler", "random"), ("class_weights", "none")):
+            if getattr(self, name) != default:
+                option = name.replace("_", "-")
+                raise UserError(f"--{option} {getattr(self, name)} applies to the networks; --model {self.model} is a "
+                                f"classical classifier (fitted on all training images at once)")
 
 
 def _single(value: Any, name: str, kind: type) -> Any:

@@ -35,6 +35,7 @@ from supcon.interrupt import exit_code
 from supcon.processes import default_precision
 from supcon.resume import RecordedRun
 from supcon.rundir import BEST, image_listing, load_baseline_checkpoint
+from supcon.sampling import check_balanced_classes
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ def _train(engine: RunEngine, config: BaselineConfig, recorded: RecordedRun | No
     if len(data.train_samples) < config.batch_size * engine.world:
         raise UserError(f"the training part has {len(data.train_samples)} images, fewer than one batch of "
                         f"{config.batch_size * engine.world}; lower --batch-size")
+    if config.sampler == "balanced":
+        repeats = check_balanced_classes(data.classes, [label for _, label in data.train_samples],
+                                         config.batch_size * engine.world, where="training part")
+        if repeats and engine.is_main:
+            logger.warning("%s", repeats)
     model_config = make_model_config(config.model, len(data.classes), config.loss, config.head, config.head_hidden,
                                      config.small_input)
     config = replace(config, head=model_config["head"], head_hidden=model_config["head_hidden"])

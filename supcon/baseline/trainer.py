@@ -23,14 +23,15 @@ from supcon.baseline.data import AugmentedDataset, PreparedData, train_transform
 from supcon.baseline.epoch import train_one_epoch
 from supcon.baseline.evaluate import evaluate
 from supcon.baseline.init_from import InitSource
-from supcon.baseline.losses import ClassifierLoss
+from supcon.baseline.losses import ClassifierLoss, class_weights_for
 from supcon.baseline.models import build_classifier, check_input_size, describe_model, freeze_blocks
 from supcon.checkpoint import rng_state, set_rng_state
 from supcon.config import to_yaml_dict
-from supcon.data import EpochBatchSampler, EvalDataset, eval_transform, make_loader
+from supcon.data import EvalDataset, eval_transform, make_loader
 from supcon.engine import EpochEnd, RunEngine
 from supcon.errors import UserError
 from supcon.rundir import BASELINE_KIND, BEST, LAST, baseline_checkpoint, make_run_info
+from supcon.sampling import make_batch_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,12 @@ class BaselineTrainer:
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
         self.scheduler = make_scheduler(optimizer, config)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.loss_fn = ClassifierLoss(config.loss, config.aux_weight)
+        self.class_weights = class_weights_for(config.class_weights, [label for _, label in data.train_samples],
+                                               data.classes)
+        if self.class_weights is not None:
+            logger.info("class weights (--class-weights %s): %s", config.class_weights,
+                        ", ".join(f"{name} {w:.4g}" for name, w in zip(data.classes, self.class_weights)))
+        self.loss_fn = ClassifierLoss(config.loss, config.aux_weight, self.class_weights)
         self.stopper = EarlyStopping(config.patience, "min" if config.monitor == "val_loss" else "max")
         self.best_metrics: dict[str, float | None] = {}
         started_from = None
@@ -180,14 +186,15 @@ class BaselineTrainer:
             description=self.description, val_split=data.val_split, test_folder=data.test_folder,
             mean=list(config.mean), std=list(config.std), size=config.size, frozen_blocks=self.frozen,
             num_train_images=len(data.train_samples), num_val_images=len(data.val_samples),
-            init_from=self.init_record)
+            init_from=self.init_record, class_weights=self.class_weights)
 
     def make_loaders(self) -> None:
         config, pin = self.config, self.engine.on_gpu
         dataset = AugmentedDataset(self.data.train_samples, train_transform(config.augment, config.size, config.mean,
                                                                            config.std), seed=config.seed)
-        self.sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed,
-                                         self.accelerator.process_index, self.engine.world)
+        self.sampler = make_batch_sampler(config.sampler, [label for _, label in self.data.train_samples],
+                                          config.batch_size, config.seed, self.accelerator.process_index,
+                                          self.engine.world)
         # Own generators: starting worker processes must not draw from the global RNG, which the model's
         # dropout/DropBlock use (a resumed run starts its workers at another epoch than an uninterrupted one).
         self.loader = make_loader(dataset, config.num_workers, pin, batch_sampler=self.sampler,
