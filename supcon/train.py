@@ -211,6 +211,22 @@ def _log_resolution(config: TrainConfig, facts: dict[str, Any]) -> None:
                     AUTO_WARM_ABOVE_BATCH, config.warm_epochs)
 
 
+#: Optimizer steps after which SupCon's live probe had settled on the convergence benchmark's textures set
+#: (WSD, batch 64, 6 steps an epoch: 200 epochs matched 400 on val in every seed; 50-100 epochs were 5-10 points
+#: lower; docs/benchmarks/convergence.md).
+SETTLED_STEPS = 1200
+
+
+def _note_if_short(epochs: int, steps_per_epoch: int) -> None:
+    """Before a fixed-length run: say so when it is far shorter than where SupCon settled on the benchmark."""
+    steps = epochs * steps_per_epoch
+    if steps < SETTLED_STEPS:
+        logger.info("note: %d optimizer steps in all (%d epochs of %d); on the convergence benchmark SupCon's live "
+                    "probe settled only after about %d steps, and runs of a quarter to half that ended 5-10 points "
+                    "lower on val: consider a larger --epochs, or --until plateau", steps, epochs, steps_per_epoch,
+                    SETTLED_STEPS)
+
+
 def _periodic_saves_to_come(run_dir: Path, config: TrainConfig, start_epoch: int) -> int:
     """The ``ckpt_epoch_<N>.pth`` files the rest of the run adds to the disk (at most --keep-last of them)."""
     existing = epoch_checkpoints(run_dir)
@@ -296,6 +312,8 @@ def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResul
     engine.check_data(image_listing(index.samples, index.root), recorded, config.allow_data_change, start_epoch)
 
     trainer = SupConTrainer(engine, config, index, val_index, facts)
+    if resume_state is None and config.until == "epochs":
+        _note_if_short(config.epochs, trainer.steps_per_epoch)
     if resume_state is not None:
         start_epoch = trainer.load(resume_state)
         logger.info("%s", _resume_message(run_dir, start_epoch, trainer.epoch_state.steps_done,

@@ -58,7 +58,7 @@ def test_the_memory_is_in_the_weights_only_checkpoint_and_changes_the_run(data, 
 def test_kill_9_then_resume_gives_identical_weights_and_memory(data, straight, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     process = start_pausing_run(["--data-folder", data, "--run-dir", run_dir, *BIG_ARGS], tmp_path,
-                                pause_at_step=2 * STEPS_PER_EPOCH + 3)
+                                pause_at_step=2 * STEPS_PER_EPOCH + 3, pause_seconds=120)
     assert final_state(run_dir)["epoch"] == 2
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL

@@ -103,6 +103,8 @@ def start_pausing_run(args, workdir: Path, pause_at_step: int, pause_seconds: fl
     """Start ``supcon-train args`` in a subprocess that pauses inside its ``pause_at_step``-th step (1-based).
 
     ``new_session``: in its own process group, so the test can signal it as a terminal does (the group).
+    ``pause_seconds``: short for a test whose signal lets the step finish (the sleep goes on after the handler);
+    long for a kill -9, so that a slow or loaded machine cannot let the run go on before the kill lands.
     """
     marker = workdir / "paused"
     env = {**os.environ, "PAUSE_AT_STEP": str(pause_at_step), "PAUSE_MARKER": str(marker),
@@ -129,7 +131,7 @@ def test_kill_9_mid_run_then_resume_gives_identical_weights(data, straight, tmp_
     run_dir = tmp_path / "run"
     # pause in epoch 3, step 3: epochs 1-2 are saved, epoch 3 is half done
     process = start_pausing_run(["--data-folder", data, "--run-dir", run_dir, *ARGS], tmp_path,
-                                pause_at_step=2 * STEPS_PER_EPOCH + 3)
+                                pause_at_step=2 * STEPS_PER_EPOCH + 3, pause_seconds=120)
     assert final_state(run_dir)["epoch"] == 2
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL

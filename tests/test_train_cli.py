@@ -627,3 +627,16 @@ def test_a_fixed_length_run_resumes_whatever_the_plateau_rule_settings_it_record
     (plateau_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     refused = invoke([*plateau_args, "--run-dir", plateau_dir, "--resume"])
     assert_one_line_error(refused, "plateau_patience: run has 0.4, now 0.5")
+
+
+def test_a_run_far_shorter_than_where_supcon_settled_gets_a_note(train_folder, tmp_path, monkeypatch):
+    import supcon.train as train_module
+
+    args = [*SMALL_ARGS, "--data-folder", train_folder, "--seed", "1", "--epochs", "2"]
+    result = invoke([*args, "--run-dir", tmp_path / "short"])
+    assert result.exit_code == 0, result.output
+    steps = int(torch.load(tmp_path / "short" / "last.pth", weights_only=True)["global_step"])
+    assert f"note: {steps} optimizer steps in all (2 epochs of {steps // 2})" in result.output
+    monkeypatch.setattr(train_module, "SETTLED_STEPS", steps)  # as long as where it settled: no note
+    result = invoke([*args, "--run-dir", tmp_path / "long"])
+    assert result.exit_code == 0 and "optimizer steps in all" not in result.output

@@ -108,7 +108,7 @@ def test_kill_9_in_the_cooldown_then_resume_gives_the_uninterrupted_run(data, st
     decided = decision_epoch(straight)
     run_dir = tmp_path / "run"
     process = start_pausing_run(["--data-folder", data, "--run-dir", run_dir, *ARGS], tmp_path,
-                                pause_at_step=decided * STEPS_PER_EPOCH + 2)
+                                pause_at_step=decided * STEPS_PER_EPOCH + 2, pause_seconds=120)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     assert torch.load(run_dir / "last.pth", weights_only=True)["plateau"]["decision"]["epoch"] == decided
