@@ -12,7 +12,8 @@ Modules, in the order data flows through them:
 - ``probe``: one linear head (SGD) on frozen features, validated after every head epoch.
 - ``lbfgs``: ``--head-solver lbfgs``: the logistic regression of ``supcon.logistic`` as a probe head.
 - ``heads``: probe results on disk, one head file per (checkpoint, probe settings) under ``RUN/probe/heads/``.
-- ``plateau``: ``--from auto``, the first backbone epoch worth probing, from the run's logged curves.
+- ``probe_start``: ``--from auto``, where probing starts: the first backbone epoch worth probing, from the run's
+  logged curves.
 - ``probe_all``: the ``probe-all`` pipeline over a run's checkpoints (table, plot, ``selection.json``).
 - ``select``: a run's (checkpoint, head) chosen on val only: ``trend`` (default), ``within-noise`` or
   ``max-val-acc``.
@@ -20,12 +21,13 @@ Modules, in the order data flows through them:
 - ``operating_point``: a two-class run's decision threshold, chosen on val by an ``--operating-point`` rule and
   recorded as ``RUN/operating_point.json`` for predict and export.
 - ``check``: the ``check-accuracies`` pipeline over runs: test once, ``comparison.{csv,md}``.
-- ``report``: CSV / markdown tables and the PNG plots of probe and test results.
+- ``tables_and_plots``: the CSV / markdown tables and PNG plots that ``probe-all`` and ``check-accuracies``
+  write.
 - ``cli``: ``probe-all`` and ``check-accuracies``, thin click shells.
 
 Using the selected model:
 
-- ``classifier``: a run's classifier rebuilt from its run directory, shared by export, predict and report.
+- ``classifier``: a run's classifier rebuilt from its run directory, shared by export, predict and ``run_report``.
 - ``export``: ``supcon-export``, timm safetensors (+ config.json), optionally ONNX checked with onnxruntime.
 - ``predict``: ``predict``, one CSV row per image with the class probabilities.
 - ``use_cli``: ``supcon-export``, ``predict`` and ``supcon-report``, thin click shells.

@@ -46,7 +46,9 @@ from linear_probe.operating_point import (
     write_operating_point,
 )
 from linear_probe.probe import make_head
-from linear_probe.report import (
+from linear_probe.runs import PROBE_DIR, RunInfo, RunKind, resolve_folder, scan_checked
+from linear_probe.select import RULE_TEXT, Selection, select, settled_val_accuracy
+from linear_probe.tables_and_plots import (
     COMPARISON_CSV_FIELDS,
     comparison_rows,
     operating_point_table,
@@ -55,8 +57,6 @@ from linear_probe.report import (
     plot_roc,
     write_csv,
 )
-from linear_probe.runs import BASELINE_KIND, PROBE_DIR, RunInfo, resolve_folder, scan_checked
-from linear_probe.select import RULE_TEXT, Selection, select, settled_val_accuracy
 from supcon.checkpoint import atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError
@@ -78,7 +78,7 @@ class RunEvaluation:
     """One run's selected model and its test metrics."""
 
     run_dir: Path
-    kind: str
+    kind: RunKind
     network: str
     batch_size: int | None
     backbone_epoch: Any
@@ -101,8 +101,9 @@ class RunEvaluation:
         metrics = self.metrics.to_dict()
         metrics.pop("roc_curve", None)
         paired = None if self.versus_best is None else self.versus_best.to_dict()
-        return {"run": str(self.run_dir), "kind": self.kind, "network": self.network, "batch_size": self.batch_size,
-                "test_folder": self.test_folder, "selection": self.selection, "metrics": metrics,
+        return {"run": str(self.run_dir), "kind": self.kind.value, "network": self.network,
+                "batch_size": self.batch_size, "test_folder": self.test_folder, "selection": self.selection,
+                "metrics": metrics,
                 "operating_point": None if self.operating_point is None else self.operating_point.to_json(),
                 "versus_best": paired, "verdict": None if self.verdict is None else self.verdict.to_dict(),
                 "labels": None if self.labels is None else [int(v) for v in self.labels],
@@ -110,7 +111,7 @@ class RunEvaluation:
 
     def table_row(self) -> dict[str, Any]:
         m = self.metrics
-        row = {"run": str(self.run_dir), "kind": self.kind, "batch_size": self.batch_size,
+        row = {"run": str(self.run_dir), "kind": self.kind.value, "batch_size": self.batch_size,
                "backbone_epoch": self.backbone_epoch, "head_epoch": self.head_epoch, "checkpoint": self.checkpoint,
                "val_accuracy": self.val_accuracy, "accuracy": m.accuracy, "precision": m.precision,
                "recall": m.recall, "f1": m.f1, "average": m.average, "roc_auc": m.roc_auc, "network": self.network,
@@ -166,7 +167,7 @@ def runs_to_check(config: CheckConfig) -> list[RunInfo]:
         except UserError as exc:
             logger.warning("skipping %s: %s", run_dir, exc)
             continue
-        if run.kind == BASELINE_KIND or has_probe_results(run_dir):
+        if run.kind is RunKind.BASELINE or has_probe_results(run_dir):
             runs.append(run)
         else:
             logger.info("skipping %s: not probed yet (probe-all --run %s)", run_dir, run_dir)
@@ -237,7 +238,7 @@ def check_accuracies(config: CheckConfig, progress: bool = False) -> CheckResult
     config.validate()
     plans: list[_SupConPlan | _BaselinePlan] = []
     for run in runs_to_check(config):
-        if run.kind == BASELINE_KIND:
+        if run.kind is RunKind.BASELINE:
             _baseline_evaluate()  # fail early when the baseline package is missing
             plans.append(_BaselinePlan(run, _positive_class(run.run_dir, run.class_names, config)))
         else:
@@ -345,8 +346,9 @@ def _evaluate_supcon(plan: _SupConPlan, config: CheckConfig, device: torch.devic
     point = None
     if plan.positive is not None:  # chosen on val before the test images are encoded
         val_labels, val_probabilities = _head_probabilities(frozen, checkpoint, head, plan.val_index, "val images")
-        model = {"kind": run.kind, "checkpoint": best.checkpoint, "checkpoint_sha256": best.checkpoint_stamp.sha256,
-                 "backbone_epoch": best.backbone_epoch, "head_epoch": chosen.head_epoch,
+        model = {"kind": run.kind.value, "checkpoint": best.checkpoint,
+                 "checkpoint_sha256": best.checkpoint_stamp.sha256, "backbone_epoch": best.backbone_epoch,
+                 "head_epoch": chosen.head_epoch,
                  "head": "final" if chosen.final_head else "best", "select": chosen.rule}
         point = _choose(run.run_dir, config, val_labels, val_probabilities, class_names, plan.positive, model,
                         plan.val_index.root)
@@ -445,7 +447,7 @@ def _baseline_operating_point(run: RunInfo, val: dict[str, Any], positive: int,
     if run.class_names and class_names != run.class_names:
         raise UserError(f"{run.run_dir}: best.pth holds the classes {class_names}, config.yaml {run.class_names}")
     epoch = val["selected_epoch"]
-    model = {"kind": run.kind, "checkpoint": BEST, "checkpoint_sha256": None,
+    model = {"kind": run.kind.value, "checkpoint": BEST, "checkpoint_sha256": None,
              "backbone_epoch": None if epoch is None else int(epoch), "head_epoch": None}
     return _choose(run.run_dir, config, val["labels"], val["probabilities"], class_names, positive, model,
                    str(val["val_folder"]))

@@ -25,7 +25,7 @@ from linear_probe.checkpoints import check_checkpoint, find_checkpoints
 from linear_probe.features import FrozenCheckpoint
 from linear_probe.heads import HeadRecord, load_head_records, load_head_state
 from linear_probe.probe import make_head
-from linear_probe.runs import BASELINE_KIND, RunInfo, resolve_folder
+from linear_probe.runs import RunInfo, RunKind, resolve_folder
 from linear_probe.select import select_best
 from supcon.baseline.losses import logits_to_probabilities
 from supcon.errors import UserError
@@ -69,7 +69,7 @@ class RunClassifier:
     source: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> RunKind:
         return self.run.kind
 
     @property
@@ -86,7 +86,7 @@ class RunClassifier:
     def describe(self) -> str:
         """E.g. ``ckpt_epoch_50.pth, head epoch 24`` or ``best.pth (epoch 14)``."""
         src = self.source
-        if self.kind == BASELINE_KIND:
+        if self.kind is RunKind.BASELINE:
             return f"{src['checkpoint']} (epoch {src['backbone_epoch']})"
         return f"{src['checkpoint']} (backbone epoch {src['backbone_epoch']}), head epoch {src['head_epoch']}"
 
@@ -116,7 +116,7 @@ def load_run_classifier(run_dir: str | Path, checkpoint: str | int = SELECTED) -
     """
     run = RunInfo.load(run_dir)
     choice = parse_checkpoint_choice(str(checkpoint))
-    result = _load_baseline(run, choice) if run.kind == BASELINE_KIND else _load_supcon(run, choice)
+    result = _load_baseline(run, choice) if run.kind is RunKind.BASELINE else _load_supcon(run, choice)
     result.network.requires_grad_(False)
     result.network.eval()
     return result
@@ -170,7 +170,7 @@ def _load_supcon(run: RunInfo, choice: str | int) -> RunClassifier:
     head.load_state_dict(load_head_state(record.path)["state_dict"])
     model_config = state["model_config"]
     source = {
-        "kind": run.kind, "run": str(run.run_dir.resolve()), "checkpoint": record.checkpoint,
+        "kind": run.kind.value, "run": str(run.run_dir.resolve()), "checkpoint": record.checkpoint,
         "checkpoint_sha256": record.checkpoint_stamp.sha256, "backbone_epoch": record.backbone_epoch,
         "steps_into_epoch": record.steps_into_epoch, "head_epoch": record.best_head_epoch,
         "head_file": record.path.name if record.path else None, "val_accuracy": record.best_val_accuracy,
@@ -214,7 +214,7 @@ def _load_baseline(run: RunInfo, choice: str | int) -> RunClassifier:
     model.head.load_state_dict(state["head"])
     model_config = state["model_config"]
     source = {
-        "kind": run.kind, "run": str(run.run_dir.resolve()), "checkpoint": path.name, "backbone_epoch": epoch,
+        "kind": run.kind.value, "run": str(run.run_dir.resolve()), "checkpoint": path.name, "backbone_epoch": epoch,
         "head_epoch": None, "val_accuracy": state.get("best_val_accuracy") if path.name == BEST else None,
         "description": state.get("description"), "head": model_config.get("head"),
     }

@@ -9,7 +9,7 @@ from linear_probe.operating_point import ARGMAX, parse_rule
 from supcon.config import check_bounds
 from supcon.errors import UserError
 
-#: ``--from auto``: choose the first backbone epoch from the run's loss curve (see ``plateau``).
+#: ``--from auto``: choose the first backbone epoch from the run's loss curve (see ``probe_start``).
 AUTO = "auto"
 
 #: ``--head-solver`` values: the recorded SGD protocol, or L-BFGS logistic regression (see ``lbfgs``).

@@ -45,11 +45,11 @@ from linear_probe.heads import (
     save_head,
 )
 from linear_probe.lbfgs import train_lbfgs_head
-from linear_probe.plateau import AutoFrom, choose_from_run, read_curves
 from linear_probe.probe import HeadSettings, settings_key, train_linear_head
-from linear_probe.report import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
+from linear_probe.probe_start import AutoFrom, choose_from_run, read_curves
 from linear_probe.runs import RunInfo, latest_supcon_run, resolve_folder, scan_checked
 from linear_probe.select import Selection, select
+from linear_probe.tables_and_plots import PROBE_CSV_FIELDS, plot_probe, probe_table, write_csv
 from supcon.checkpoint import CorruptCheckpoint, FileStamp, MissingCheckpoint, atomic_write_text
 from supcon.data import ImageFolderIndex
 from supcon.errors import UserError

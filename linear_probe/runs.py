@@ -14,21 +14,20 @@ from typing import Any
 from supcon.data import ImageFolderIndex, scan_image_folder
 from supcon.errors import UserError
 from supcon.rundir import (
-    BASELINE_KIND,
     CACHE_DIR,
     CONFIG_FILE,
     PROBE_DIR,
     RUN_INFO_KEY,
-    SUPCON_KIND,
+    RunKind,
     find_runs,
     find_split_folder,
+    kind_from_run_info,
     read_config,
     run_kind,
     split_config,
 )
 
-__all__ = ["BASELINE_KIND", "PROBE_DIR", "SUPCON_KIND", "RunInfo", "latest_supcon_run", "resolve_folder",
-           "run_kind", "scan_checked"]
+__all__ = ["PROBE_DIR", "RunInfo", "RunKind", "latest_supcon_run", "resolve_folder", "run_kind", "scan_checked"]
 
 
 @dataclass
@@ -36,20 +35,20 @@ class RunInfo:
     """The parts of a run's ``config.yaml`` that probing and testing need."""
 
     run_dir: Path
-    kind: str
+    kind: RunKind
     config: dict[str, Any]
     run_info: dict[str, Any]
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> RunInfo:
-        """Raises: UserError when ``run_dir`` is not a run directory."""
+        """Raises: UserError when ``run_dir`` is not a run directory, or records a kind this version does not know."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise UserError(f"run directory not found: {run_dir}")
         config, run_info = split_config(read_config(run_dir))
         if not isinstance(run_info, dict):
             raise UserError(f"{run_dir / CONFIG_FILE} has a malformed '{RUN_INFO_KEY}' entry")
-        return cls(run_dir, str(run_info.get("kind", SUPCON_KIND)), config, run_info)
+        return cls(run_dir, kind_from_run_info(run_info, run_dir), config, run_info)
 
     @property
     def class_names(self) -> list[str]:
@@ -92,9 +91,9 @@ class RunInfo:
         return self.probe_dir / CACHE_DIR
 
     def require_supcon(self, command: str) -> None:
-        if self.kind != SUPCON_KIND:
+        if self.kind is not RunKind.SUPCON:
             raise UserError(
-                f"{self.run_dir} is a {self.kind!r} run; {command} works on SupCon runs "
+                f"{self.run_dir} is a '{self.kind}' run; {command} works on SupCon runs "
                 "(baseline runs go straight to check-accuracies)"
             )
 
@@ -105,7 +104,7 @@ def latest_supcon_run(root: str | os.PathLike) -> Path:
     Raises:
         UserError: no SupCon run there.
     """
-    runs = [r for r in find_runs(root) if run_kind(r) == SUPCON_KIND]
+    runs = [r for r in find_runs(root) if run_kind(r) is RunKind.SUPCON]
     if not runs:
         raise UserError(
             f"no run found under {Path(root).resolve()} (train one with supcon-train, or pass --run DIR)"

@@ -27,8 +27,8 @@ from linear_probe.checkpoints import find_checkpoints  # noqa: E402
 from linear_probe.config import ProbeConfig  # noqa: E402
 from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures, cached_batches  # noqa: E402
 from linear_probe.lbfgs import train_lbfgs_head  # noqa: E402
-from linear_probe.plateau import choose_from_run  # noqa: E402
 from linear_probe.probe import HeadSettings, train_linear_head  # noqa: E402
+from linear_probe.probe_start import choose_from_run  # noqa: E402
 from linear_probe.runs import RunInfo, resolve_folder, scan_checked  # noqa: E402
 from supcon.logistic import linear_scores  # noqa: E402
 

@@ -32,8 +32,8 @@ from linear_probe.checkpoints import find_checkpoints  # noqa: E402
 from linear_probe.config import SELECTION_RULES  # noqa: E402
 from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures, cached_batches  # noqa: E402
 from linear_probe.heads import HeadRecord, load_head_records  # noqa: E402
-from linear_probe.plateau import choose_from_run  # noqa: E402
 from linear_probe.probe import HeadSettings, make_head, train_linear_head  # noqa: E402
+from linear_probe.probe_start import choose_from_run  # noqa: E402
 from linear_probe.runs import RunInfo, resolve_folder, scan_checked  # noqa: E402
 from linear_probe.select import select  # noqa: E402
 from supcon.checkpoint import FileStamp  # noqa: E402

@@ -1,7 +1,10 @@
-"""Small real image sets cut from photographs that ship inside installed packages (no network).
+"""The benchmarks' image sets: small real image sets cut from photographs that ship inside installed packages.
 
-Two patch-classification tasks where the pixels alone fail (an RBF SVM on them is far from a CNN),
-built for the quality benchmark (``scripts/bench_quality.py``):
+This module serves the benchmarks only (``scripts/bench_quality.py`` and ``scripts/bench_convergence.py``
+import :data:`SOURCES` and :func:`export_patch_set`); no command of the pipeline uses it. It needs no
+network: the photographs come with scikit-image and scikit-learn.
+
+Two patch-classification tasks where the pixels alone fail (an RBF SVM on them is far from a CNN):
 
 ``textures``
     Which surface is this? Patches of four photographs from scikit-image's data folder: ``brick``,

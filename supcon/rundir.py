@@ -24,9 +24,9 @@ as the TensorBoard step; a checkpoint's ``epoch`` entry counts the epochs it has
 ``ckpt_epoch_N.pth`` holds ``epoch: N``, and a mid-epoch ``last.pth`` holding ``epoch: N`` and
 ``epoch_state.steps_done: S`` is in epoch N + 1 after step S.
 
-``run_info`` keys every run records (:func:`make_run_info`): ``kind`` (:data:`SUPCON_KIND` or
-:data:`BASELINE_KIND`), ``class_names``, ``num_classes``, ``data_folder``, ``val_folder`` (or
-None), ``model_config``, ``num_processes``, ``global_batch``, ``steps_per_epoch``,
+``run_info`` keys every run records (:func:`make_run_info`): ``kind`` (a :class:`RunKind` value, read
+back with :func:`kind_from_run_info`), ``class_names``, ``num_classes``, ``data_folder``, ``val_folder``
+(or None), ``model_config``, ``num_processes``, ``global_batch``, ``steps_per_epoch``,
 ``bad_images_skipped``, ``device``, ``versions``, ``data_fingerprint`` (sha256 of ``train_images.txt``;
 with ``data_changes``, one entry per accepted ``--allow-data-change``); a kind adds its own (SupCon:
 ``learning_rate_rule``, ``collapsed_loss``...; baseline: ``test_folder``, ``mean``, ``std``...).
@@ -36,11 +36,13 @@ Runs written before ``kind`` was recorded are SupCon runs.
 from __future__ import annotations
 
 import csv
+import enum
 import hashlib
 import io
 import json
 import os
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -71,9 +73,6 @@ DATA_LISTING = "train_images.txt"
 RUN_INFO_KEY = "run_info"
 DEFAULT_RUNS_ROOT = "runs"
 
-SUPCON_KIND = "supcon"
-BASELINE_KIND = "baseline"
-
 #: The ``format`` entry of each kind's checkpoints (bumped ``version`` on incompatible changes).
 CHECKPOINT_FORMAT = "supcon-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -81,6 +80,40 @@ BASELINE_FORMAT = "supcon-baseline-checkpoint"
 BASELINE_VERSION = 1
 
 _CKPT_RE = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
+
+
+class RunKind(str, enum.Enum):
+    """Which trainer wrote a run: ``run_info.kind`` in its ``config.yaml``.
+
+    A ``str`` enum: each member equals the plain string ``config.yaml`` records (writers store ``.value``,
+    which YAML and ``torch.load(weights_only=True)`` read back as a plain string), so runs written before
+    this type read back unchanged. Read a run's kind with :func:`kind_from_run_info`, never from the dict.
+    """
+
+    SUPCON = "supcon"  # supcon-train
+    BASELINE = "baseline"  # baseline-train (fine-tunes, custom nets and the classical models)
+
+    def __str__(self) -> str:  # the recorded string in messages and f-strings, on every Python version
+        return self.value
+
+
+def kind_from_run_info(run_info: Mapping[str, Any], run_dir: str | os.PathLike | None = None) -> RunKind:
+    """The kind a run's ``run_info`` records; :attr:`RunKind.SUPCON` for runs written before ``kind`` was.
+
+    Args:
+        run_info: the ``run_info`` mapping of a run's ``config.yaml``.
+        run_dir: the run, named in the error message.
+
+    Raises:
+        UserError: a kind this version does not know.
+    """
+    recorded = run_info.get("kind", RunKind.SUPCON.value)
+    try:
+        return RunKind(recorded)
+    except ValueError:
+        where = f"{Path(run_dir) / CONFIG_FILE} records" if run_dir is not None else "the run records"
+        known = " or ".join(kind.value for kind in RunKind)
+        raise UserError(f"{where} kind {recorded!r}, which this version does not know ({known})") from None
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -122,11 +155,11 @@ def package_versions() -> dict[str, str]:
             "timm": str(timm.__version__), "accelerate": str(accelerate.__version__)}
 
 
-def make_run_info(kind: str, *, class_names: list[str], data_folder: str, val_folder: str | None,
+def make_run_info(kind: RunKind, *, class_names: list[str], data_folder: str, val_folder: str | None,
                   model_config: dict[str, Any], num_processes: int, global_batch: int, steps_per_epoch: int,
                   bad_images_skipped: int, device: str, **facts: Any) -> dict[str, Any]:
     """The ``run_info`` of a run: the keys every kind records, then the kind's own ``facts``."""
-    return {"kind": kind, "class_names": list(class_names), "num_classes": len(class_names),
+    return {"kind": RunKind(kind).value, "class_names": list(class_names), "num_classes": len(class_names),
             "data_folder": data_folder, "val_folder": val_folder, **facts, "model_config": model_config,
             "num_processes": num_processes, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
             "bad_images_skipped": bad_images_skipped, "device": device, "versions": package_versions()}
@@ -155,7 +188,7 @@ def baseline_checkpoint(*, model_config: dict[str, Any], description: str, encod
 
     ``best`` holds ``best_epoch``, ``best_val_accuracy``, ``best_val_loss`` and ``monitor``.
     """
-    return {"format": BASELINE_FORMAT, "version": BASELINE_VERSION, "kind": BASELINE_KIND,
+    return {"format": BASELINE_FORMAT, "version": BASELINE_VERSION, "kind": RunKind.BASELINE.value,
             "model_config": model_config, "description": description, "encoder": encoder, "head": head,
             "class_names": list(class_names), "mean": list(mean), "std": list(std), "size": size, "epoch": epoch,
             **best, "config": config, **extra}
@@ -301,14 +334,14 @@ def split_config(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in data.items() if k != RUN_INFO_KEY}, run_info
 
 
-def run_kind(run_dir: str | os.PathLike) -> str | None:
-    """The run's kind (:data:`SUPCON_KIND` for runs that predate the ``kind`` key), or None when its
-    ``config.yaml`` cannot be read."""
+def run_kind(run_dir: str | os.PathLike) -> RunKind | None:
+    """The run's kind (:func:`kind_from_run_info`), or None when its ``config.yaml`` cannot be read or records
+    a kind this version does not know (for scans over many runs, which skip such a run)."""
     try:
         _, run_info = split_config(read_config(run_dir))
+        return kind_from_run_info(run_info, run_dir) if isinstance(run_info, dict) else None
     except UserError:
         return None
-    return str(run_info.get("kind", SUPCON_KIND)) if isinstance(run_info, dict) else None
 
 
 def read_selection(run_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ from supcon.losses import SupConLoss
 from supcon.memory import ProjectionMemory
 from supcon.models import build_model, model_config_from
 from supcon.optim import build_optimizer, implementation_of, keep_implementation
-from supcon.rundir import LAST, SUPCON_KIND, epoch_checkpoint_name, make_run_info, supcon_checkpoint
+from supcon.rundir import LAST, RunKind, epoch_checkpoint_name, make_run_info, supcon_checkpoint
 from supcon.sampling import make_batch_sampler
 from supcon.schedule import LRSchedule
 from supcon.stopping import PlateauRule, StopDecision
@@ -138,7 +138,7 @@ class SupConTrainer:
 
     def run_info(self, bad_images: int) -> dict[str, Any]:
         return make_run_info(
-            SUPCON_KIND, class_names=self.index.classes, data_folder=self.config.data_folder,
+            RunKind.SUPCON, class_names=self.index.classes, data_folder=self.config.data_folder,
             val_folder=self.config.val_folder, model_config=self.model_config, num_processes=self.engine.world,
             global_batch=self.global_batch, steps_per_epoch=self.steps_per_epoch, bad_images_skipped=bad_images,
             device=self.engine.device_name, num_images=len(self.index.samples),

@@ -15,7 +15,7 @@ from supcon.baseline.models import build_classifier
 from supcon.baseline.train import train
 from supcon.data import eval_transform, load_rgb
 from supcon.errors import UserError
-from supcon.rundir import run_kind
+from supcon.rundir import RunKind, run_kind
 from tests.conftest import write_image_folder
 from tests.test_baseline_cli import read_csv
 
@@ -59,7 +59,7 @@ def test_predict_run_on_a_tiny_trained_baseline(tiny_run, image_root):
     with torch.no_grad():
         expected = torch.softmax(net(image[None])["logits"], 1)[0].numpy()
     assert np.allclose(probabilities[7], expected, atol=1e-5)
-    assert run_kind(tiny_run) == "baseline"
+    assert run_kind(tiny_run) is RunKind.BASELINE
 
 
 def test_predict_run_reads_best_not_last(tiny_run, tmp_path):
@@ -96,7 +96,7 @@ def test_predict_run_on_a_given_test_folder_and_the_errors(tiny_run, tmp_path):
     (moved / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(UserError, match="not a baseline run"):
         predict_run(moved)
-    assert run_kind(moved) != "baseline"
+    assert run_kind(moved) is RunKind.SUPCON
 
 
 def test_single_logit_bce_gives_two_probability_columns(tmp_path):

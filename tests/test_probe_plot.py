@@ -1,10 +1,11 @@
-"""probe-all's plot (``linear_probe.report.plot_probe``): its legend says what was drawn, for either head solver."""
+"""probe-all's plot (``linear_probe.tables_and_plots.plot_probe``): its legend says what was drawn, for either
+head solver."""
 
 from __future__ import annotations
 
 from linear_probe.heads import HeadRecord
 from linear_probe.probe import HeadSettings
-from linear_probe.report import plot_probe
+from linear_probe.tables_and_plots import plot_probe
 from supcon.checkpoint import FileStamp
 
 HEAD_EPOCHS = 10

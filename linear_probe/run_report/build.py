@@ -24,10 +24,9 @@ from linear_probe.checkpoints import find_checkpoints
 from linear_probe.classifier import RunClassifier, load_run_classifier, resolve_eval_folder
 from linear_probe.features import FeatureCache, FrozenCheckpoint, FrozenFeatures, folder_fingerprint
 from linear_probe.heads import load_head_records
-from linear_probe.plateau import choose_from_run
 from linear_probe.predict import classify_paths
 from linear_probe.probe import describe_settings
-from linear_probe.report import plot_confusion_matrix, plot_roc
+from linear_probe.probe_start import choose_from_run
 from linear_probe.run_report import figures
 from linear_probe.run_report.network_views import (
     class_activation_maps,
@@ -38,7 +37,8 @@ from linear_probe.run_report.network_views import (
     to_display,
 )
 from linear_probe.run_report.page import Section, render
-from linear_probe.runs import BASELINE_KIND, RunInfo, scan_checked
+from linear_probe.runs import RunInfo, RunKind, scan_checked
+from linear_probe.tables_and_plots import plot_confusion_matrix, plot_roc
 from supcon.checkpoint import atomic_write_text
 from supcon.data import EvalDataset, ImageFolderIndex, eval_transform
 from supcon.errors import UserError
@@ -130,7 +130,7 @@ def _percent(value: float | None) -> str:
 
 
 def _run_label(classifier: RunClassifier) -> str:
-    if classifier.kind == BASELINE_KIND:
+    if classifier.kind is RunKind.BASELINE:
         return str(classifier.source.get("description") or f"{classifier.model_name} (baseline)")
     return f"SupCon {classifier.model_name}"
 
@@ -172,7 +172,7 @@ def _config_section(run: RunInfo, classifier: RunClassifier) -> Section:
     timing = [["epochs logged", len(metrics_rows)],
               ["training time", f"{sum(seconds) / 60:.1f} min ({np.mean(seconds):.1f} s/epoch)" if seconds else "-"],
               ["throughput", f"{np.mean(speed):.0f} images/s (mean over epochs)" if speed else "-"]]
-    if run.kind != BASELINE_KIND:
+    if run.kind is RunKind.SUPCON:
         records = load_head_records(run.probe_dir, run.run_dir)
         timing.append(["probing", f"{len(records)} heads, {sum(r.seconds for r in records):.0f} s"])
     section.table(["timing", "value"], timing)
@@ -194,7 +194,7 @@ def _curves_section(test: _RunTest, out: Path) -> Section:
     if not rows:
         return section.text(f"{run.run_dir / METRICS_FILE} is missing: no curves.", note=True)
     png = out / "curves.png"
-    if c.kind == BASELINE_KIND:
+    if c.kind is RunKind.BASELINE:
         figures.plot_baseline_curves(png, rows, c.source["backbone_epoch"], f"{run.run_dir.name}: baseline training")
         return section.figures([(png, "loss, accuracy and learning rate per epoch; green: the selected epoch")])
     try:
@@ -266,7 +266,7 @@ def _embedding_panels(test: _RunTest, val: ImageFolderIndex, config: ReportConfi
     """``[(panel title, features, labels)]``: earlier checkpoints first, the selected one last."""
     c = test.classifier
     transform = eval_transform(c.size, c.mean, c.std)
-    if c.kind == BASELINE_KIND:
+    if c.kind is RunKind.BASELINE:
         features, labels = encode_samples(_FeatureEncoder(c.network).to(device), val.samples, transform, device,
                                           config.batch_size, config.num_workers)
         return [(f"{c.source['checkpoint']} (epoch {c.source['backbone_epoch']})", features, labels)]
@@ -403,7 +403,7 @@ def _build_one(test: _RunTest, tests: list[_RunTest], config: ReportConfig, devi
                        c.run.allows_split_names)
     # Results first (the comparison and the selected model's test metrics), then how they came about.
     sections = [_comparison(tests, test), _test_section(test, out), _curves_section(test, out)]
-    if c.kind != BASELINE_KIND:
+    if c.kind is RunKind.SUPCON:
         sections.append(_probe_section(test, out))
     sections += [_embedding_section(test, val, out, config, device), _feature_map_section(test, val, out, config),
                  _cam_section(test, out, config), _config_section(run, c)]

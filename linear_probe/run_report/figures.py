@@ -1,7 +1,7 @@
 """The report's figures (matplotlib ``Figure`` + Agg canvas, no pyplot state), each saved as a PNG.
 
 Every figure has a title, labelled axes and, where colours mean something, a legend with the class
-names. Confusion matrix and ROC are :mod:`linear_probe.report`'s plots.
+names. Confusion matrix and ROC are :mod:`linear_probe.tables_and_plots`'s plots.
 """
 
 from __future__ import annotations

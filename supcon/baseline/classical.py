@@ -43,6 +43,7 @@ from supcon.rundir import (
     DEFAULT_RUNS_ROOT,
     RUN_INFO_KEY,
     MetricsCSV,
+    RunKind,
     has_run_content,
     package_versions,
     read_config,
@@ -156,7 +157,7 @@ def _fit_classical(config: BaselineConfig, engine, kind: str, progress: bool) ->
     resolved = to_yaml_dict(config)
     resolved["run_dir"] = str(run_dir)
     run_info = {
-        "kind": "baseline", "description": description, "class_names": data.classes,
+        "kind": RunKind.BASELINE.value, "description": description, "class_names": data.classes,
         "num_classes": len(data.classes), "data_folder": data.data_folder, "val_folder": data.val_folder,
         "val_split": data.val_split, "test_folder": data.test_folder, "mean": list(extractor.mean),
         "std": list(extractor.std), "size": extractor.size, "model_config": model_config,
@@ -167,8 +168,9 @@ def _fit_classical(config: BaselineConfig, engine, kind: str, progress: bool) ->
         "fit_seconds": round(fit_seconds, 3), "device": str(device), "versions": package_versions(),
     }
     state = {
-        "format": CLASSICAL_FORMAT, "version": CLASSICAL_VERSION, "kind": "baseline", "model_config": model_config,
-        "description": description, "class_names": data.classes, "features": extractor.to_state(),
+        "format": CLASSICAL_FORMAT, "version": CLASSICAL_VERSION, "kind": RunKind.BASELINE.value,
+        "model_config": model_config, "description": description, "class_names": data.classes,
+        "features": extractor.to_state(),
         "classifier": selection.params, "hyperparameters": selection.hyperparameters,
         "val_accuracy": selection.val_accuracy, "num_train_images": len(data.train_samples), "config": resolved,
     }

@@ -27,10 +27,11 @@ from supcon.metrics import classification_metrics
 from supcon.processes import make_accelerator
 from supcon.rundir import (
     BAD_IMAGES_FILE,
-    BASELINE_KIND,
     BEST,
     RUN_INFO_KEY,
+    RunKind,
     find_split_folder,
+    kind_from_run_info,
     load_baseline_checkpoint,
     read_config,
 )
@@ -153,8 +154,9 @@ def _load_best(run_dir: str | os.PathLike) -> _BestState:
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     run_info = config.get(RUN_INFO_KEY) or {}
-    if run_info.get("kind") != BASELINE_KIND:
-        raise UserError(f"{run_dir} is not a baseline run (its config.yaml records kind {run_info.get('kind')!r})")
+    kind = kind_from_run_info(run_info, run_dir)
+    if kind is not RunKind.BASELINE:
+        raise UserError(f"{run_dir} is not a baseline run (its config.yaml records kind '{kind}')")
     classical = (run_info.get("model_config") or {}).get("family") == "classical"  # svm, logreg, knn
     if not (run_dir / BEST).is_file():
         raise UserError(f"{run_dir} has no {BEST} yet (it has not finished an epoch, or its fit); continue it with "

@@ -16,7 +16,14 @@ from typing import Any
 
 from supcon.checkpoint import file_sha256
 from supcon.errors import UserError
-from supcon.rundir import SUPCON_KIND, load_supcon_checkpoint, read_config, selected_checkpoint, split_config
+from supcon.rundir import (
+    RunKind,
+    kind_from_run_info,
+    load_supcon_checkpoint,
+    read_config,
+    selected_checkpoint,
+    split_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +61,9 @@ def resolve_init_source(init_from: str, model: str, small_input: bool, size: int
     if given.is_dir():
         run_dir = given
         _, run_info = split_config(read_config(run_dir))
-        if run_info.get("kind", SUPCON_KIND) != SUPCON_KIND:
-            raise UserError(f"--init-from {given}: a {run_info.get('kind')} run, not a supcon-train run")
+        kind = kind_from_run_info(run_info, run_dir)
+        if kind is not RunKind.SUPCON:
+            raise UserError(f"--init-from {given}: a {kind} run, not a supcon-train run")
         path, selection = selected_checkpoint(run_dir, f"--init-from {given}")
         how = f"selected by probe-all ({selection.get('rule', '?')})"
     elif given.is_file():

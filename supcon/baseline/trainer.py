@@ -30,7 +30,7 @@ from supcon.config import to_yaml_dict
 from supcon.data import EvalDataset, eval_transform, make_loader
 from supcon.engine import EpochEnd, RunEngine
 from supcon.errors import UserError
-from supcon.rundir import BASELINE_KIND, BEST, LAST, baseline_checkpoint, make_run_info
+from supcon.rundir import BEST, LAST, RunKind, baseline_checkpoint, make_run_info
 from supcon.sampling import make_batch_sampler
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class BaselineTrainer:
     def run_info(self) -> dict[str, Any]:
         data, config = self.data, self.config
         return make_run_info(
-            BASELINE_KIND, class_names=data.classes, data_folder=data.data_folder, val_folder=data.val_folder,
+            RunKind.BASELINE, class_names=data.classes, data_folder=data.data_folder, val_folder=data.val_folder,
             model_config=self.model_config, num_processes=self.engine.world, global_batch=self.global_batch,
             steps_per_epoch=self.steps_per_epoch, bad_images_skipped=data.bad_images, device=self.engine.device_name,
             description=self.description, val_split=data.val_split, test_folder=data.test_folder,

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from linear_probe.plateau import choose_from_epoch, choose_from_run, smooth
+from linear_probe.probe_start import choose_from_epoch, choose_from_run, smooth
 from supcon.errors import UserError
 
 
