@@ -30,9 +30,14 @@ from supcon.schedule import LRSchedule  # noqa: E402
 from supcon.stopping import PlateauRule, StopDecision  # noqa: E402
 
 
-def recorded_probes(run_dir: Path, every: int | None = None) -> list[dict]:
-    """The run's live probes in epoch order (``every``: only those on multiples of it), with the per-image val
-    results of those its numbered checkpoints hold."""
+def recorded_probes(run_dir: Path, every: int | None = None) -> tuple[list[dict], bool]:
+    """The run's live probes in epoch order (``every``: only those on multiples of it) and whether the replay is
+    exact: a run's ``last.pth`` keeps every probe with its per-image val results; for a run from before it did,
+    they come from ``metrics.csv`` and the numbered checkpoints, and the per-image error (which needs every
+    probe's results) is left out unless each probe's checkpoint was kept."""
+    history = load_supcon_checkpoint(run_dir / "last.pth").get("probe_history")
+    if history:
+        return [dict(p) for p in history if every is None or p["epoch"] % every == 0], True
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("probe_accuracy")]
     correct = {}
@@ -43,10 +48,11 @@ def recorded_probes(run_dir: Path, every: int | None = None) -> list[dict]:
     probes = [{"epoch": int(float(r["epoch"])), "accuracy": float(r["probe_accuracy"]),
                "num_val": int(float(r["probe_num_val"]))} for r in rows]
     probes = [p for p in probes if every is None or p["epoch"] % every == 0]
-    if all(p["epoch"] in correct for p in probes):  # the per-image error needs every probe's results
+    exact = all(p["epoch"] in correct for p in probes)
+    if exact:
         for p in probes:
             p["correct"] = correct[p["epoch"]]
-    return probes
+    return probes, exact
 
 
 def replay(probes: list[dict], ceiling: int, patience: float, tolerance: float,
@@ -83,14 +89,19 @@ def main(argv: list[str] | None = None) -> list[list]:
         run_dir = Path(run)
         options = yaml.safe_load((run_dir / "config.yaml").read_text())
         ceiling = args.ceiling or int(options["epochs"])
-        probes = stable_phase(options, recorded_probes(run_dir, args.every))
+        recorded, exact = recorded_probes(run_dir, args.every)
+        probes = stable_phase(options, recorded)
         for patience, tolerance in itertools.product([float(v) for v in args.patience.split(",")],
                                                      [float(v) for v in args.tolerance.split(",")]):
             decision = replay(probes, ceiling, patience, tolerance)
-            rows.append([run_dir.name if len(args.runs) == 1 else str(run_dir), patience, tolerance,
+            rows.append([run_dir.name if len(args.runs) == 1 else str(run_dir), "yes" if exact else "no", patience,
+                         tolerance,
                          decision.epoch if decision else f"none by {probes[-1]['epoch']}",
                          decision.last_epoch if decision else "-", decision.reason if decision else ""])
-    print(markdown_table(["run", "patience", "tolerance", "cool-down after", "last epoch", "why"], rows))
+    print(markdown_table(["run", "exact", "patience", "tolerance", "cool-down after", "last epoch", "why"], rows))
+    if not all(row[1] == "yes" for row in rows):
+        print("exact = no: a run from before runs kept their probe history; its probes without per-image results "
+              "leave the per-image standard error out, so the replay may decide earlier than the run would have")
     return rows
 
 

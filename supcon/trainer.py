@@ -88,6 +88,9 @@ class SupConTrainer:
                         if config.until == "plateau" else None)
         self.stopped_on_collapse = False
         self.probe: LiveProbe | None = None  # the live probe of the epoch being saved
+        #: every live probe of the run (epoch, accuracy, num_val, correct), kept in the checkpoints so that the
+        #: --until plateau rule can be replayed on any run exactly (scripts/replay_until_plateau.py)
+        self.probe_history: list[dict[str, Any]] = []
         self.loss_fn = SupConLoss(config.temp, config.base_temp)
         self.detector = CollapseDetector(patience=config.collapse_patience)
         self.collapsed_value = collapsed_loss(self.global_batch, N_VIEWS, config.temp, config.base_temp)
@@ -127,6 +130,7 @@ class SupConTrainer:
         self.epoch_state = EpochState(**state.get("epoch_state", {}))
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
+        self.probe_history = [dict(p) for p in state.get("probe_history") or []]
         if self.plateau is not None and state.get("plateau"):
             self.plateau.load_state_dict(state["plateau"])
             if self.plateau.decision is not None:
@@ -240,6 +244,10 @@ class SupConTrainer:
 
     def _plateau_step(self, epoch_done: int, row: dict[str, Any]) -> str | None:
         """``--until plateau``: record the epoch, decide on a cool-down; the end message at its last epoch."""
+        if self.probe is not None:
+            self.probe_history = [p for p in self.probe_history if p["epoch"] < epoch_done] + [
+                {"epoch": epoch_done, "accuracy": self.probe.val_accuracy, "num_val": self.probe.num_val,
+                 "correct": self.probe.val_correct}]
         if self.plateau is None:
             return None
         if self.probe is not None:
@@ -268,7 +276,8 @@ class SupConTrainer:
                           "epoch_state": vars(state).copy(), "collapse": self.detector.state_dict(),
                           "rng": rng_state(),
                           "memory": self.memory.state_dict() if self.memory is not None else None,
-                          "plateau": self.plateau.state_dict() if self.plateau is not None else None},
+                          "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+                          "probe_history": [dict(p) for p in self.probe_history]},
             live_probe=self.probe.to_dict() if self.probe is not None and state.steps_done == 0 else None)
 
     def _monitor_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

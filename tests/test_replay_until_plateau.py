@@ -29,8 +29,8 @@ def test_the_replay_on_a_fixed_wsd_run_finds_the_epoch_a_real_until_plateau_run_
 
     script = load_script("replay_until_plateau")
     rows = script.main([str(fixed), "--patience", "0.5", "--tolerance", TOLERANCE])
-    assert [row[3] for row in rows] == [decided["epoch"]]
-    assert rows[0][5] == decided["reason"]
+    assert [row[4] for row in rows] == [decided["epoch"]] and rows[0][1] == "yes"
+    assert rows[0][6] == decided["reason"]
     # the same weights at the decision: the rule only watches
     at = f"ckpt_epoch_{decided['epoch']}.pth"
     a, b = (torch.load(Path(d) / at, weights_only=True)["encoder"] for d in (fixed, until))
