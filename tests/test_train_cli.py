@@ -21,6 +21,7 @@ from supcon.cli import train_command
 from supcon.losses import SupConLoss
 from supcon.models import build_encoder, build_model
 from tests.conftest import TINY_TRAIN_ARGS, write_image_folder
+from tests.test_resume import ctrl_c_at_loss_call
 
 RUN_ARGS = [*TINY_TRAIN_ARGS, "--epochs", "3", "--save-freq", "2", "--seed", "0"]
 #: A faster set-up for the runs of this file that do not inspect the result closely.
@@ -289,19 +290,6 @@ def test_a_step_schedule_run_extended_with_resume_equals_a_longer_run(train_fold
     assert_one_line_error(shorter, "started with --epochs 3, now 2", "cannot be shortened")
 
 
-def _interrupt_at_step(monkeypatch, step: int) -> None:
-    original = SupConLoss.forward
-    calls = []
-
-    def forward(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SupConLoss, "forward", forward)
-
-
 @pytest.mark.parametrize("started_with, resumed_with", [(12, 5), (5, 10)])
 def test_a_wsd_run_at_its_stable_rate_takes_a_new_epochs_on_resume(train_folder, tmp_path, monkeypatch, started_with,
                                                                    resumed_with):
@@ -311,7 +299,7 @@ def test_a_wsd_run_at_its_stable_rate_takes_a_new_epochs_on_resume(train_folder,
     straight, changed = tmp_path / "straight", tmp_path / "changed"
     assert invoke([*args, "--run-dir", straight, "--epochs", str(resumed_with)]).exit_code == 0
     steps_per_epoch = int(torch.load(straight / "last.pth", weights_only=True)["global_step"]) // resumed_with
-    _interrupt_at_step(monkeypatch, 2 * steps_per_epoch + 2)  # mid-epoch 3: before either cool-down (from 4)
+    ctrl_c_at_loss_call(monkeypatch, 2 * steps_per_epoch + 2)  # mid-epoch 3: before either cool-down (from 4)
     assert invoke([*args, "--run-dir", changed, "--epochs", str(started_with)]).exit_code == 130
     monkeypatch.undo()
     result = invoke([*args, "--run-dir", changed, "--epochs", str(resumed_with), "--resume"])
@@ -334,7 +322,7 @@ def test_a_wsd_run_in_its_cool_down_refuses_a_new_epochs(train_folder, tmp_path,
     # a run at its stable rate (stopped in epoch 6 of 20), but a new cool-down that would begin after epoch 4
     short = tmp_path / "short"
     steps_per_epoch = int(torch.load(run_dir / "last.pth", weights_only=True)["global_step"]) // 5
-    _interrupt_at_step(monkeypatch, 5 * steps_per_epoch + 2)
+    ctrl_c_at_loss_call(monkeypatch, 5 * steps_per_epoch + 2)
     assert invoke([*args, "--run-dir", short, "--epochs", "20"]).exit_code == 130
     monkeypatch.undo()
     before = (short / "last.pth").read_bytes()
@@ -608,7 +596,7 @@ def test_a_fixed_length_run_resumes_whatever_the_plateau_rule_settings_it_record
     values (an older version's defaults) resumes; an --until plateau run does not."""
     args = [*SMALL_ARGS, "--data-folder", train_folder, "--seed", "1", "--epochs", "3"]
     run_dir = tmp_path / "run"
-    _interrupt_at_step(monkeypatch, 2)
+    ctrl_c_at_loss_call(monkeypatch, 2)
     assert invoke([*args, "--run-dir", run_dir]).exit_code == 130
     monkeypatch.undo()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -619,7 +607,7 @@ def test_a_fixed_length_run_resumes_whatever_the_plateau_rule_settings_it_record
     assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 3
     plateau_dir = tmp_path / "plateau"
     plateau_args = [*args, "--until", "plateau", "--probe-every", "1"]
-    _interrupt_at_step(monkeypatch, 2)
+    ctrl_c_at_loss_call(monkeypatch, 2)
     assert invoke([*plateau_args, "--run-dir", plateau_dir]).exit_code == 130
     monkeypatch.undo()
     config = yaml.safe_load((plateau_dir / "config.yaml").read_text())
