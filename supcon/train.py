@@ -7,7 +7,6 @@ checks the image folders and hands the epochs to :class:`supcon.trainer.SupConTr
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,6 @@ from supcon.processes import default_precision
 from supcon.resume import RecordedRun
 from supcon.rundir import (
     BAD_IMAGES_FILE,
-    METRICS_FILE,
     epoch_checkpoints,
     image_listing,
     load_supcon_checkpoint,
@@ -128,11 +126,9 @@ def _wsd_epochs_for_start(start: int, fraction: float) -> int:
     return epochs
 
 
-def _warn_if_still_rising(run_dir: Path, epochs_done: int, config: TrainConfig) -> None:
-    """At the end of a run: say so when its live probe still rose over the last 40% of it (it had not settled)."""
-    with open(run_dir / METRICS_FILE, newline="") as f:
-        probes = [{"epoch": int(float(r["epoch"])), "accuracy": float(r["probe_accuracy"]),
-                   "num_val": int(float(r["probe_num_val"]))} for r in csv.DictReader(f) if r.get("probe_accuracy")]
+def _warn_if_still_rising(probes: list[dict[str, Any]], epochs_done: int, config: TrainConfig) -> None:
+    """At the end of a run: say so when its live probe (the run's probe history, per-image results included)
+    still rose over the last half of it (it had not settled)."""
     trend = still_rising(probes, epochs_done)
     if trend is None:
         return
@@ -329,7 +325,7 @@ def _train(engine: RunEngine, config: TrainConfig, progress: bool) -> TrainResul
     if outcome.end_reason:
         logger.warning("%s", outcome.end_reason)
     elif outcome.interrupted_by is None and engine.is_main:
-        _warn_if_still_rising(run_dir, outcome.epochs_done, config)
+        _warn_if_still_rising(trainer.probe_history, outcome.epochs_done, config)
     return TrainResult(run_dir=run_dir, epochs_done=outcome.epochs_done, interrupted_by=outcome.interrupted_by,
                        stopped_on_collapse=trainer.stopped_on_collapse, history=outcome.history,
                        stop_decision=trainer.plateau.decision if trainer.plateau is not None else None)
